@@ -1,0 +1,343 @@
+"""The run configuration: typed, nested dataclasses, a YAML/JSON file, and dotted CLI overrides.
+
+    python launch/pretrain.py --config configs/llama_60m_block.yaml --optim.lr 3e-3 --data.seq_len 256
+
+Every field carries its documentation (`--help` prints it). DeepSpeed's own settings
+(micro-batch, gradient accumulation, precision, ZeRO stage, clipping) are NOT here: they live
+only in the JSON file named by `deepspeed_config`, so no knob exists in two places.
+
+Bad input raises `ConfigError`, which names the field and, for a misspelt key, the closest
+valid name; `launch/pretrain.py` turns it into exit code 2 before anything starts or is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A bad config file, key, type or value; the message names the field and the fix."""
+
+
+def doc(default: Any, text: str, choices: tuple | None = None):
+    """A dataclass field with its documentation (and allowed values) attached."""
+    meta = {"doc": text, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = doc("llama_9m", "Model size preset (GaLore's C4 study shapes).",
+                      ("llama_9m", "llama_20m", "llama_60m", "llama_130m", "llama_350m",
+                       "llama_1b", "llama_7b"))
+    activation_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass
+class DataConfig:
+    source: str = doc("files", "'files': C4 JSON-lines shards at data.path; 'hub': stream "
+                      "data.hub_name with `datasets` (needs network).", ("files", "hub"))
+    path: str = doc("default", "C4 training shards: a .json/.json.gz file, a directory or a glob; "
+                    "'default' is the shipped 1,000-document C4 sample.")
+    val_path: str = doc("default", "Held-out shards for eval loss; 'default' is the shipped, "
+                        "disjoint 1,000-document C4 validation sample.")
+    hub_name: str = doc("allenai/c4", "Dataset name for data.source=hub.")
+    tokenizer: str = doc("default", "'default' (shipped 8,192-piece model trained on the sample), "
+                         "'llama32k' (shipped 32,000-piece Llama-style model), a sentencepiece "
+                         ".model path, or a transformers tokenizer name (needs network).")
+    seq_len: int = doc(128, "Tokens per training sequence (windows are seq_len + 1 tokens).")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = doc(200, "Optimizer steps to run.")
+    warmup_steps: int = doc(20, "Linear LR warm-up steps (then cosine decay).")
+    min_lr_ratio: float = doc(0.1, "Cosine decays the LR to this fraction of optim.lr (GaLore: 0.1).")
+    eval_every: int = doc(0, "Evaluate held-out loss every N steps (0: only at the end).")
+    eval_windows: int = doc(64, "Held-out sequences used per evaluation.")
+    log_every: int = doc(10, "Write metrics every N steps.")
+
+
+@dataclass
+class OptimConfig:
+    name: str = doc("adamw", "Optimizer, by name from the registry scaletrain.optim.OPTIMIZERS "
+                    "(adamw: dense baseline; block: BlockLLM selection).")
+    lr: float = doc(3e-3, "Peak learning rate.")
+    beta1: float = doc(0.9, "Adam beta1.")
+    beta2: float = doc(0.999, "Adam beta2.")
+    eps: float = doc(1e-8, "Adam epsilon.")
+    weight_decay: float = doc(0.0, "Decoupled (AdamW) weight decay.")
+    density: float = doc(0.05, "block: fraction of trainable parameters updated at a time "
+                         "(BlockLLM's sparsity_level is 1 - density).")
+    patience: int = doc(100, "block: BlockLLM's reselection patience (losses compared).")
+    check_every: int = doc(1000, "block: check the patience rule every N steps (BlockLLM's update_freq).")
+    reselect_every: int = doc(0, "block: also reselect every N steps regardless of loss (0: off).")
+    frozen_patterns: list = doc(["embed", "lm_head"], "block: parameter-name substrings never "
+                                "trained (BlockLLM freezes embedding and head); [] lets them compete "
+                                "in row chunks.")
+    max_block_fraction: float = doc(0.5, "block: largest row chunk of a big tensor, as a fraction "
+                                    "of the parameter budget.")
+    keep_state_on_reselect: bool = doc(False, "block: keep Adam moments of blocks that stay "
+                                       "selected (BlockLLM resets all).")
+    debug_checks: bool = doc(False, "Assert cross-rank invariants (identical selections) every step.")
+
+
+@dataclass
+class RunConfig:
+    name: str = doc("", "Run name; default: a timestamp.")
+    run_dir: str = doc("", "Where logs, metrics and checkpoints go; default runs/<name>.")
+    seed: int = doc(0, "Seed for model initialisation.")
+    backend: str = doc("auto", "deepspeed | fsdp | single; auto: deepspeed under a launcher "
+                       "(deepspeed, torchrun, mpirun), single under plain python.",
+                       ("auto", "deepspeed", "single"))
+    deepspeed_config: str = doc("ds_configs/default.json", "DeepSpeed JSON: micro-batch, "
+                                "accumulation, precision, ZeRO stage, clipping. Read by every backend.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# Renamed or misremembered keys that deserve a pointed hint rather than a fuzzy match.
+HINTS = {
+    "optim.sparsity": "optim.density (the fraction trained; BlockLLM's sparsity_level 0.95 is density 0.05)",
+    "train.batch_size": "train_micro_batch_size_per_gpu in the deepspeed_config JSON",
+    "train.micro_batch_size": "train_micro_batch_size_per_gpu in the deepspeed_config JSON",
+    "train.grad_accum": "gradient_accumulation_steps in the deepspeed_config JSON",
+    "optim.grad_clip": "gradient_clipping in the deepspeed_config JSON",
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+def _all_keys(cls, prefix="") -> dict[str, dataclasses.Field]:
+    keys = {}
+    for f in dataclasses.fields(cls):
+        hints = typing.get_type_hints(cls)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.update(_all_keys(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            keys[f"{prefix}{f.name}"] = f
+    return keys
+
+
+def _unknown(key: str, valid) -> ConfigError:
+    if key in HINTS:
+        return ConfigError(f"unknown config key '{key}': use {HINTS[key]}")
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see --help for every key"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ) -> Any:
+    """Convert a YAML or CLI value to the field's type, or say which field is wrong and why."""
+    origin = typing.get_origin(typ) or typ
+    if isinstance(value, str) and origin is not str:
+        try:
+            value = yaml.safe_load(value)  # '3e-3' -> float, 'true' -> bool, '[a, b]' -> list
+        except yaml.YAMLError:
+            pass
+        if isinstance(value, str) and origin is float:
+            try:
+                value = float(value)  # YAML 1.1 reads '3e-3' as a string
+            except ValueError:
+                pass
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
+        list: lambda v: isinstance(v, (list, tuple)) or v is None,
+    }[origin]
+    if not ok(value):
+        raise ConfigError(f"config key '{key}' expects {origin.__name__}, got {value!r}")
+    if origin is float:
+        return float(value)
+    if origin is str:
+        return str(value)
+    if origin is list:
+        return [str(v) for v in (value or [])]
+    return value
+
+
+def _flatten(tree: dict, prefix="") -> dict[str, Any]:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _set(cfg: RunConfig, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    obj = cfg
+    for p in parents:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, value)
+
+
+def load_config(argv: list[str]) -> RunConfig:
+    """Build the config from `--config FILE` (optional) and `--dotted.key value` overrides."""
+    keys = _all_keys(RunConfig)
+    file_values: dict[str, Any] = {}
+    overrides: list[tuple[str, str]] = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --key value")
+        key, sep, value = arg[2:].partition("=")
+        if key == "local_rank":  # the deepspeed launcher appends --local_rank=N
+            continue
+        if not sep and not args:
+            raise ConfigError(f"option --{key} needs a value")
+        value = value if sep else args.pop(0)
+        if key == "config":
+            file_values = _read_config_file(value)
+        else:
+            overrides.append((key, value))
+    cfg = RunConfig()
+    for key, value in list(file_values.items()) + overrides:
+        if key not in keys:
+            raise _unknown(key, keys)
+        _set(cfg, key, _coerce(key, value, _field_type(key)))
+    validate(cfg)
+    return cfg
+
+
+def _field_type(key: str):
+    cls = RunConfig
+    *parents, leaf = key.split(".")
+    for p in parents:
+        cls = typing.get_type_hints(cls)[p]
+    return typing.get_type_hints(cls)[leaf]
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file (run configs live in configs/)")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML/JSON: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of keys, got {type(tree).__name__}")
+    return _flatten(tree)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' {msg}")
+
+
+def validate(cfg: RunConfig) -> None:
+    for key, f in _all_keys(RunConfig).items():
+        choices = f.metadata.get("choices")
+        value = _get(cfg, key)
+        if choices and value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"config key '{key}' is {value!r}{hint}; choose one of {list(choices)}")
+    from scaletrain.optim import OPTIMIZERS  # the registry is the one list of names
+
+    if cfg.optim.name not in OPTIMIZERS:
+        close = difflib.get_close_matches(cfg.optim.name, list(OPTIMIZERS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"config key 'optim.name' is {cfg.optim.name!r}{hint}; "
+                          f"choose one of {sorted(OPTIMIZERS)}")
+    _check(cfg.data.seq_len > 0, "data.seq_len", "must be positive")
+    _check(cfg.data.seq_len <= 1024, "data.seq_len", "must be <= 1024 (the presets' max positions)")
+    _check(cfg.train.steps > 0, "train.steps", "must be positive")
+    _check(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _check(0.0 <= cfg.train.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+    _check(cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0")
+    _check(cfg.train.eval_windows > 0, "train.eval_windows", "must be positive")
+    _check(cfg.train.log_every > 0, "train.log_every", "must be positive")
+    _check(cfg.optim.lr > 0, "optim.lr", "must be positive")
+    _check(0.0 <= cfg.optim.beta1 < 1.0, "optim.beta1", "must be in [0, 1)")
+    _check(0.0 <= cfg.optim.beta2 < 1.0, "optim.beta2", "must be in [0, 1)")
+    _check(cfg.optim.eps > 0, "optim.eps", "must be positive")
+    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(0.0 < cfg.optim.density <= 1.0, "optim.density", "must be in (0, 1]")
+    _check(cfg.optim.patience > 0, "optim.patience", "must be positive")
+    _check(cfg.optim.check_every > 0, "optim.check_every", "must be positive")
+    _check(cfg.optim.reselect_every >= 0, "optim.reselect_every", "must be >= 0 (0: off)")
+    _check(0.0 < cfg.optim.max_block_fraction <= 1.0, "optim.max_block_fraction", "must be in (0, 1]")
+    load_ds_config(cfg.deepspeed_config)  # a bad ds_config is a config error too
+
+
+def _get(cfg: RunConfig, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve_path(path: str) -> Path:
+    """A relative path is looked up from the working directory, then from the repository root."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+# DeepSpeed sections that would put a second copy of one of our knobs in the ds_config.
+_DS_FORBIDDEN = {
+    "optimizer": "the optimizer and its lr are scaletrain's: set optim.name / optim.lr",
+    "scheduler": "the LR schedule is scaletrain's: set train.warmup_steps / train.min_lr_ratio",
+}
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    """Read and sanity-check the DeepSpeed JSON; DeepSpeed itself checks the rest."""
+    p = resolve_path(path)
+    if not p.is_file():
+        raise ConfigError(f"config key 'deepspeed_config': no such file {path!r} "
+                          f"(the shipped ones are in ds_configs/)")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config key 'deepspeed_config': {path} is not valid JSON: {e}") from None
+    for section, why in _DS_FORBIDDEN.items():
+        if section in ds:
+            raise ConfigError(f"deepspeed_config {path} has an '{section}' section: remove it; {why}")
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    if not isinstance(micro, int) or micro <= 0:
+        raise ConfigError(f"deepspeed_config {path}: train_micro_batch_size_per_gpu must be a "
+                          f"positive integer, got {micro!r}")
+    gas = ds.get("gradient_accumulation_steps", 1)
+    if not isinstance(gas, int) or gas <= 0:
+        raise ConfigError(f"deepspeed_config {path}: gradient_accumulation_steps must be a "
+                          f"positive integer, got {gas!r}")
+    return ds
+
+
+def help_text() -> str:
+    lines = ["usage: launch/pretrain.py [--config FILE] [--key value ...]", "",
+             "  --config FILE  YAML/JSON run config (configs/); later --key value pairs override it", ""]
+    for key, f in _all_keys(RunConfig).items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f" [{'|'.join(choices)}]" if choices else ""
+        lines.append(f"  --{key} (default {default!r}){extra}\n      {f.metadata['doc']}")
+    return "\n".join(lines)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
