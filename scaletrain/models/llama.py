@@ -68,3 +68,9 @@ def build_model(preset: str, vocab_size: int, *, seed: int = 0,
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def causal_lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of (batch, seq_len + 1) windows: input w[:-1], target w[1:]."""
+    logits = model(input_ids=windows[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())

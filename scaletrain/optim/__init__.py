@@ -1,0 +1,50 @@
+"""Optimizer registry: `build_optimizer(cfg, model, max_grad_norm)` by `optim.name`.
+
+Each entry says whether the optimizer synchronises gradients across ranks itself
+(`syncs_grads`): the dense baseline leaves that to the engine (DeepSpeed's ZeRO or plain
+all-reduce); the block optimizer reduces only the blocks it trains, and clips after that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from scaletrain.config import OptimConfig
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    build: Callable[[OptimConfig, torch.nn.Module, float], torch.optim.Optimizer]
+    syncs_grads: bool
+
+
+def _adamw(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float) -> torch.optim.Optimizer:
+    # foreach=False: the single-tensor path, the reference the block optimizer is tested against
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
+
+
+def _block(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float) -> torch.optim.Optimizer:
+    from scaletrain.optim.block import BlockOptimizer
+
+    return BlockOptimizer(
+        model.named_parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        weight_decay=cfg.weight_decay, density=cfg.density, patience=cfg.patience,
+        check_every=cfg.check_every, reselect_every=cfg.reselect_every,
+        frozen_patterns=tuple(cfg.frozen_patterns), max_block_fraction=cfg.max_block_fraction,
+        keep_state_on_reselect=cfg.keep_state_on_reselect, max_grad_norm=max_grad_norm,
+        debug_checks=cfg.debug_checks)
+
+
+OPTIMIZERS: dict[str, OptimizerEntry] = {
+    "adamw": OptimizerEntry(_adamw, syncs_grads=False),
+    "block": OptimizerEntry(_block, syncs_grads=True),
+}
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float = 0.0):
+    """Returns (optimizer, syncs_grads)."""
+    entry = OPTIMIZERS[cfg.name]
+    return entry.build(cfg, model, max_grad_norm), entry.syncs_grads
