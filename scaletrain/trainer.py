@@ -1,0 +1,198 @@
+"""The training loop. `launch/pretrain.py` calls `main()`; the whole step is in `train()`."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+
+from scaletrain.config import ConfigError, RunConfig, help_text, load_config, load_ds_config, to_dict
+from scaletrain.data import TrainWindowLoader, c4_source, eval_windows, load_tokenizer
+from scaletrain.dist.engines import build_engine, resolve_precision
+from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
+                                     init_distributed, resolve_backend, shutdown)
+from scaletrain.metrics import MetricsWriter, ProgressBar, peak_memory_bytes, selection_heatmap
+from scaletrain.models.llama import build_model, causal_lm_loss, count_params
+from scaletrain.optim import build_optimizer
+from scaletrain.optim.schedule import build_scheduler
+
+log = logging.getLogger("scaletrain")
+HEATMAP_EVERY_SELECTIONS = 10
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return
+    try:
+        cfg = load_config(argv)
+        run_dir = choose_run_dir(cfg)
+    except ConfigError as e:  # before any process group starts or anything is written
+        print(f"scaletrain: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    train(cfg, run_dir)
+
+
+def choose_run_dir(cfg: RunConfig) -> Path | None:
+    """An explicit run_dir that already holds a run is refused (nothing written is overwritten)."""
+    if not cfg.run_dir:
+        return None  # decided by rank 0 after start-up: runs/<name or timestamp>
+    path = Path(cfg.run_dir)
+    if (path / "metrics.jsonl").exists():
+        raise ConfigError(f"config key 'run_dir': {path} already holds a run (metrics.jsonl); "
+                          f"choose another --run_dir")
+    return path
+
+
+def _agree_on_run_dir(cfg: RunConfig, run_dir: Path | None, ctx: DistContext) -> Path:
+    if run_dir is None:
+        name = cfg.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+        if ctx.world_size > 1:  # ranks may straddle a second: rank 0's name wins
+            holder = [name]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            name = holder[0]
+        run_dir = Path("runs") / name
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _setup_logging(run_dir: Path, ctx: DistContext) -> None:
+    level = logging.INFO if ctx.is_main else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if ctx.is_main:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(level=level, format="%(asctime)s scaletrain: %(message)s", handlers=handlers,
+                        force=True)
+
+
+def evaluate(module, batches: list[torch.Tensor], ctx: DistContext) -> float:
+    """Mean held-out loss over the validation windows of all ranks (token-weighted)."""
+    module.eval()
+    loss_sum, count = 0.0, 0.0
+    with torch.no_grad():
+        for mb in batches:
+            loss_sum += causal_lm_loss(module, mb.to(ctx.device)).item() * mb.shape[0]
+            count += mb.shape[0]
+    module.train()
+    loss_sum, count = all_reduce_sum([loss_sum, count], ctx)
+    return loss_sum / max(count, 1.0)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Exact bytes of optimizer-state tensors held by this rank."""
+    if hasattr(optimizer, "stats"):
+        return int(optimizer.stats()["optim_state_bytes"])
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wraps the client optimizer
+    return sum(t.numel() * t.element_size() for s in inner.state.values()
+               for t in s.values() if torch.is_tensor(t))
+
+
+def selection_pass(module, optimizer, batches: list[torch.Tensor], device) -> None:
+    """One backward with every block trainable, to measure fresh gradient norms for selection."""
+    with optimizer.selection_pass():
+        for mb in batches:
+            causal_lm_loss(module, mb.to(device)).backward()
+
+
+def train(cfg: RunConfig, run_dir: Path | None) -> None:
+    backend = resolve_backend(cfg.backend)
+    ds_config = resolve_precision(load_ds_config(cfg.deepspeed_config))
+    ctx = init_distributed(backend)
+    run_dir = _agree_on_run_dir(cfg, run_dir, ctx)
+    _setup_logging(run_dir, ctx)
+    if ctx.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+
+    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config.get("gradient_accumulation_steps", 1)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model = build_model(cfg.model.preset, tokenizer.vocab_size, seed=cfg.seed,
+                        activation_checkpointing=cfg.model.activation_checkpointing)
+    n_params = count_params(model)
+    optimizer, syncs_grads = build_optimizer(cfg.optim, model, float(ds_config.get("gradient_clipping", 0.0)))
+    scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
+    engine = build_engine(backend, model, optimizer, scheduler, ds_config, ctx, syncs_grads)
+    is_block = hasattr(optimizer, "selection_pass")
+
+    source = "local" if cfg.data.source == "files" else "hub"
+    train_docs = c4_source(source, None if cfg.data.path == "default" else cfg.data.path,
+                           name=cfg.data.hub_name, split="train")
+    val_docs = c4_source(source, None if cfg.data.val_path == "default" else cfg.data.val_path,
+                         name=cfg.data.hub_name, split="validation")
+    loader = TrainWindowLoader(train_docs, tokenizer, cfg.data.seq_len, micro, accum,
+                               ctx.rank, ctx.world_size)
+    val_batches = eval_windows(val_docs, tokenizer, cfg.data.seq_len, cfg.train.eval_windows,
+                               ctx.rank, ctx.world_size, micro)
+    tokens_per_step = micro * accum * ctx.world_size * cfg.data.seq_len
+    log.info("run %s | backend %s | world %d | %s %.2fM params | %s | %d tokens/step | %s",
+             run_dir, backend, ctx.world_size, cfg.model.preset, n_params / 1e6, cfg.optim.name,
+             tokens_per_step, "bf16" if ds_config["bf16"].get("enabled") else "fp32")
+
+    metrics = MetricsWriter(run_dir, ctx.is_main)
+    bar = ProgressBar(cfg.train.steps, 0, ctx.is_main)
+    step_times: list[float] = []
+    heatmap_at = 0
+    for step in range(cfg.train.steps):
+        batches = loader.next_step()
+        t0 = time.perf_counter()
+        if is_block and optimizer.wants_selection(step):
+            selection_pass(engine.module, optimizer, batches, ctx.device)
+        loss = all_reduce_mean(engine.train_step(batches), ctx)
+        if is_block:
+            optimizer.record_loss(loss)
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        bar.update(loss, tokens_per_step / dt)
+        done = step + 1
+        row = {"loss": loss}
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            row.update(_step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step,
+                                     step_times, n_params))
+            step_times = []
+        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
+            eval_loss = evaluate(engine.module, val_batches, ctx)
+            row.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50.0)))
+        if len(row) > 1:
+            metrics.log(done, row)
+        n_sel = len(optimizer.selection_history) if is_block else 0
+        if n_sel and (done == cfg.train.steps or (n_sel > heatmap_at and n_sel % HEATMAP_EVERY_SELECTIONS == 0)):
+            heatmap_at = n_sel
+            metrics.figure("selection_heatmap",
+                           selection_heatmap(optimizer.block_names, optimizer.selection_history), done)
+    bar.close()
+    if ctx.is_main:
+        log.info("done: loss %.4f, eval_loss %.4f (ppl %.2f) -> %s", row["loss"],
+                 row.get("eval_loss", float("nan")), row.get("eval_ppl", float("nan")), run_dir)
+    metrics.close()
+    shutdown()
+
+
+def _step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step, step_times, n_params):
+    mean_dt = sum(step_times) / len(step_times)
+    state = optimizer_state_bytes(optimizer)
+    row = {
+        "tokens": done * tokens_per_step,
+        "lr": engine.lr,
+        "grad_norm": engine.grad_norm,
+        "tokens_per_s": tokens_per_step / mean_dt,
+        "step_time_s": mean_dt,
+        "peak_mem_bytes": all_reduce_max(peak_memory_bytes(ctx.device), ctx),
+        "n_params": n_params,
+        "optim_state_bytes": all_reduce_max(state, ctx),
+        "optim_state_bytes_total": all_reduce_sum([state], ctx)[0],
+        "skipped_data_lines": loader.skipped_lines,
+    }
+    if hasattr(optimizer, "stats"):
+        s = optimizer.stats()
+        row.update(wire_bytes=all_reduce_max(s["wire_bytes"], ctx), selected_params=s["selected_params"],
+                   selected_fraction=s["selected_fraction"], selection_churn=s["selection_churn"],
+                   selection_time_s=s["selection_time_s"])
+    return row

@@ -1,0 +1,57 @@
+"""Run `launch/pretrain.py` as a user would: under deepspeed, torchrun or plain python."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.multirank import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN = str(REPO / "launch" / "pretrain.py")
+
+# A run small enough for CI: llama_9m, 32-token sequences.
+TINY = ["--data.seq_len", "32", "--train.eval_windows", "8", "--train.warmup_steps", "2",
+        "--train.log_every", "1"]
+
+
+def write_ds_config(path: Path, micro: int, accum: int, stage: int = 0, clip: float = 1.0) -> Path:
+    path.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+        "gradient_clipping": clip, "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1000000}))
+    return path
+
+
+def launch_cmd(launcher: str, nproc: int) -> list[str]:
+    if launcher == "python":
+        return [sys.executable, PRETRAIN]
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                "--master_port", str(free_port()), PRETRAIN]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(free_port()), PRETRAIN]
+    raise ValueError(launcher)
+
+
+def run_pretrain(args: list[str], launcher: str = "python", nproc: int = 1,
+                 timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(launch_cmd(launcher, nproc) + args, cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(run_dir)]
