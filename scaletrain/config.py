@@ -56,12 +56,12 @@ class DataConfig:
     tokenizer: str = doc("default", "'default' (shipped 8,192-piece model trained on the sample), "
                          "'llama32k' (shipped 32,000-piece Llama-style model), a sentencepiece "
                          ".model path, or a transformers tokenizer name (needs network).")
-    seq_len: int = doc(128, "Tokens per training sequence (windows are seq_len + 1 tokens).")
+    seq_len: int = doc(256, "Tokens per training sequence (windows are seq_len + 1 tokens).")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = doc(200, "Optimizer steps to run.")
+    steps: int = doc(250, "Optimizer steps to run.")
     warmup_steps: int = doc(20, "Linear LR warm-up steps (then cosine decay).")
     min_lr_ratio: float = doc(0.1, "Cosine decays the LR to this fraction of optim.lr (GaLore: 0.1).")
     eval_every: int = doc(0, "Evaluate held-out loss every N steps (0: only at the end).")
