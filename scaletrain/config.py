@@ -94,10 +94,18 @@ class OptimConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = doc(1000, "Save a checkpoint every N steps (and always at the end); 0: only at the end.")
+    keep_latest: int = doc(3, "Complete checkpoints kept (the oldest are deleted); at least 2.")
+
+
+@dataclass
 class RunConfig:
     name: str = doc("", "Run name; default: a timestamp.")
     run_dir: str = doc("", "Where logs, metrics and checkpoints go; default runs/<name>.")
     seed: int = doc(0, "Seed for model initialisation.")
+    resume: str = doc("none", "none | auto (newest intact checkpoint under run_dir/checkpoints) | "
+                      "a checkpoint directory.")
     backend: str = doc("auto", "deepspeed | fsdp | single; auto: deepspeed under a launcher "
                        "(deepspeed, torchrun, mpirun), single under plain python.",
                        ("auto", "deepspeed", "single"))
@@ -107,6 +115,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # Renamed or misremembered keys that deserve a pointed hint rather than a fuzzy match.
@@ -279,6 +288,9 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.optim.check_every > 0, "optim.check_every", "must be positive")
     _check(cfg.optim.reselect_every >= 0, "optim.reselect_every", "must be >= 0 (0: off)")
     _check(0.0 < cfg.optim.max_block_fraction <= 1.0, "optim.max_block_fraction", "must be in (0, 1]")
+    _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: only at the end)")
+    _check(cfg.checkpoint.keep_latest >= 2, "checkpoint.keep_latest",
+           "must be >= 2 (a crash while saving must leave a previous complete checkpoint)")
     load_ds_config(cfg.deepspeed_config)  # a bad ds_config is a config error too
 
 

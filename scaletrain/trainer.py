@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from scaletrain import checkpoint as ckpt
 from scaletrain.config import ConfigError, RunConfig, help_text, load_config, load_ds_config, to_dict
-from scaletrain.data import TrainWindowLoader, c4_source, eval_windows, load_tokenizer
+from scaletrain.data import CorruptShardError, DataPathError, TrainWindowLoader, c4_source, eval_windows, load_tokenizer
 from scaletrain.dist.engines import build_engine, resolve_precision
 from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
                                      init_distributed, resolve_backend, shutdown)
@@ -37,7 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:  # before any process group starts or anything is written
         print(f"scaletrain: config error: {e}", file=sys.stderr)
         sys.exit(2)
-    train(cfg, run_dir)
+    try:
+        train(cfg, run_dir)
+    except (ckpt.CheckpointError, DataPathError, CorruptShardError, FileNotFoundError) as e:
+        print(f"scaletrain: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def choose_run_dir(cfg: RunConfig) -> Path | None:
@@ -45,9 +50,9 @@ def choose_run_dir(cfg: RunConfig) -> Path | None:
     if not cfg.run_dir:
         return None  # decided by rank 0 after start-up: runs/<name or timestamp>
     path = Path(cfg.run_dir)
-    if (path / "metrics.jsonl").exists():
+    if (path / "metrics.jsonl").exists() and cfg.resume == "none":
         raise ConfigError(f"config key 'run_dir': {path} already holds a run (metrics.jsonl); "
-                          f"choose another --run_dir")
+                          f"choose another --run_dir or continue it with --resume auto")
     return path
 
 
@@ -102,6 +107,56 @@ def selection_pass(module, optimizer, batches: list[torch.Tensor], device) -> No
             causal_lm_loss(module, mb.to(device)).backward()
 
 
+def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
+    """Load the checkpoint that `--resume` names (rank 0 chooses); returns the step to start at."""
+    found: list = [None, None]
+    if ctx.is_main:
+        try:
+            found[0] = ckpt.find_checkpoint(cfg.resume, run_dir)
+        except ckpt.CheckpointError as e:
+            found[1] = str(e)
+    if ctx.world_size > 1:
+        torch.distributed.broadcast_object_list(found, src=0)
+    path, error = found
+    if error:
+        raise ckpt.CheckpointError(error)
+    if path is None:
+        if cfg.resume == "auto":
+            log.info("--resume auto: no checkpoint under %s, starting afresh", run_dir)
+        return 0
+    state = ckpt.load_trainer_state(path)
+    engine.module.load_state_dict(ckpt.load_model_state(path))
+    if engine.owns_optimizer_checkpoint:
+        if state["world_size"] != ctx.world_size:
+            raise ckpt.CheckpointError(
+                f"{path}: dense AdamW under DeepSpeed ZeRO-{engine.zero_stage} was saved at world "
+                f"size {state['world_size']}; resume at that size (or convert with DeepSpeed's "
+                f"ds_to_universal)")
+        engine.load_engine_state(path)
+    else:
+        ckpt.restore_optimizer(optimizer, engine.module, ckpt.load_optim_shards(path))
+    scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # a loaded scheduler only applies its LR at its next step()
+    loader.load_state_dict(state["loader"])
+    ckpt.load_rng_state(path, ctx.rank)
+    log.info("resumed from %s at step %d", path, state["step"])
+    return state["step"]
+
+
+def save(cfg, run_dir, step, ctx, engine, optimizer, scheduler, loader, ds_config) -> None:
+    ckpt.save_checkpoint(
+        run_dir / "checkpoints", step, rank=ctx.rank, world_size=ctx.world_size,
+        model_state=engine.module.state_dict() if ctx.is_main else {},
+        optim_shard=({"kind": "deepspeed"} if engine.owns_optimizer_checkpoint
+                     else ckpt.optimizer_shard(optimizer, engine.module, ctx.rank)),
+        trainer_state={"step": step, "world_size": ctx.world_size,
+                       "scheduler": scheduler.state_dict(), "loader": loader.state_dict()},
+        config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False), ds_config=ds_config,
+        keep_latest=cfg.checkpoint.keep_latest,
+        engine_writer=engine.save_engine_state if engine.owns_optimizer_checkpoint else None)
+
+
 def train(cfg: RunConfig, run_dir: Path | None) -> None:
     backend = resolve_backend(cfg.backend)
     ds_config = resolve_precision(load_ds_config(cfg.deepspeed_config))
@@ -136,11 +191,13 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
              run_dir, backend, ctx.world_size, cfg.model.preset, n_params / 1e6, cfg.optim.name,
              tokens_per_step, "bf16" if ds_config["bf16"].get("enabled") else "fp32")
 
+    start = resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader)
     metrics = MetricsWriter(run_dir, ctx.is_main)
-    bar = ProgressBar(cfg.train.steps, 0, ctx.is_main)
+    bar = ProgressBar(cfg.train.steps, start, ctx.is_main)
     step_times: list[float] = []
     heatmap_at = 0
-    for step in range(cfg.train.steps):
+    row: dict = {}
+    for step in range(start, cfg.train.steps):
         batches = loader.next_step()
         t0 = time.perf_counter()
         if is_block and optimizer.wants_selection(step):
@@ -162,6 +219,8 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
             row.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50.0)))
         if len(row) > 1:
             metrics.log(done, row)
+        if (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or done == cfg.train.steps:
+            save(cfg, run_dir, done, ctx, engine, optimizer, scheduler, loader, ds_config)
         n_sel = len(optimizer.selection_history) if is_block else 0
         if n_sel and (done == cfg.train.steps or (n_sel > heatmap_at and n_sel % HEATMAP_EVERY_SELECTIONS == 0)):
             heatmap_at = n_sel
@@ -169,7 +228,7 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
                            selection_heatmap(optimizer.block_names, optimizer.selection_history), done)
     bar.close()
     if ctx.is_main:
-        log.info("done: loss %.4f, eval_loss %.4f (ppl %.2f) -> %s", row["loss"],
+        log.info("done: loss %.4f, eval_loss %.4f (ppl %.2f) -> %s", row.get("loss", float("nan")),
                  row.get("eval_loss", float("nan")), row.get("eval_ppl", float("nan")), run_dir)
     metrics.close()
     shutdown()

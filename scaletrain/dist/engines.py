@@ -76,6 +76,8 @@ class SingleEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    owns_optimizer_checkpoint = False
+
 
 class DeepSpeedEngine:
     """`deepspeed.initialize` with our optimizer and LR schedule as client objects."""
@@ -133,6 +135,19 @@ class DeepSpeedEngine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def owns_optimizer_checkpoint(self) -> bool:
+        """Dense AdamW under ZeRO 1/2: the state is DeepSpeed's flat partitions, which only
+        DeepSpeed's own checkpoint format can save (resume at the same world size)."""
+        return self.zero_stage > 0 and not self.syncs_grads
+
+    def save_engine_state(self, directory) -> None:
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="zero", save_latest=False)
+
+    def load_engine_state(self, directory) -> None:
+        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="zero",
+                                    load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
 ENGINES = {"deepspeed": DeepSpeedEngine, "single": SingleEngine}

@@ -1,0 +1,332 @@
+"""Checkpoints that survive a crash at any moment, and find the newest good one on resume.
+
+Layout (`<run_dir>/checkpoints/`):
+
+    step_00000100/
+        model.safetensors        full weights (rank 0; every rank holds them at ZeRO stage <= 2)
+        optim_rank00000.pt       this rank's optimizer shard: tensors and plain numbers, keyed by
+                                 parameter name (never by position, never pickled objects)
+        rng_rank00000.pt         torch / numpy / python RNG states of that rank
+        trainer.pt               step, LR-schedule state, data-loader position (global)
+        config.yaml, ds_config.json
+        manifest.json            written last inside the directory: sha256 and size of every file
+    latest                       name of the newest committed checkpoint, replaced atomically
+
+A save writes into `.tmp-step_...`, every rank reports its files' checksums to rank 0, rank 0
+writes the manifest, renames the directory into place (atomic on POSIX), then replaces
+`latest`. A crash before the rename leaves only a `.tmp-*` directory, which resume ignores; a
+crash after it leaves a complete checkpoint. On resume every candidate is verified against its
+manifest; a bad one is named in the log and the previous complete one is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("scaletrain")
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Fault-injection hook for tests: "STEP:SECONDS" holds the save of STEP open between writing
+# its files and committing them, so a test can kill the run mid-save.
+PAUSE_BEFORE_COMMIT_ENV = "SCALETRAIN_TEST_PAUSE_BEFORE_COMMIT"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and what is wrong."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain numbers, loadable with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss),
+        "python_version": version, "python_state": list(py_state), "python_gauss": py_gauss,
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
+                         state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
+    random.setstate((state["python_version"], tuple(state["python_state"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save
+
+def _rank_files(rank: int) -> tuple[str, str]:
+    return f"optim_rank{rank:05d}.pt", f"rng_rank{rank:05d}.pt"
+
+
+def _gather_to_main(obj: Any, rank: int, world: int) -> list[Any] | None:
+    if world == 1:
+        return [obj]
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def save_checkpoint(root: Path, step: int, *, rank: int, world_size: int, model_state: dict,
+                    optim_shard: dict, trainer_state: dict, config_text: str, ds_config: dict,
+                    keep_latest: int, engine_writer=None) -> Path:
+    """Collective: every rank calls it. Returns the committed directory."""
+    t0 = time.perf_counter()
+    name = f"step_{step:08d}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
+        tmp.mkdir()
+    _barrier(world_size)
+
+    written = []
+    optim_file, rng_file = _rank_files(rank)
+    _torch_save(optim_shard, tmp / optim_file)
+    _torch_save(rng_state(), tmp / rng_file)
+    written += [optim_file, rng_file]
+    if rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _torch_save(trainer_state, tmp / "trainer.pt")
+        (tmp / "config.yaml").write_text(config_text)
+        (tmp / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        written += ["model.safetensors", "trainer.pt", "config.yaml", "ds_config.json"]
+    if engine_writer is not None:  # e.g. DeepSpeed's own ZeRO shards, a collective write
+        engine_writer(tmp)
+        _barrier(world_size)
+        if rank == 0:
+            written += [str(f.relative_to(tmp)) for f in sorted((tmp / "deepspeed").rglob("*"))
+                        if f.is_file()]
+    sums = {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in written}
+    gathered = _gather_to_main(sums, rank, world_size)
+
+    if rank == 0:
+        files = {k: v for part in gathered for k, v in part.items()}
+        pause_step, _, pause = os.environ.get(PAUSE_BEFORE_COMMIT_ENV, "-1:0").partition(":")
+        pause = float(pause) if int(pause_step) == step else 0.0
+        if pause:
+            log.info("test hook: pausing %.1fs before committing %s", pause, name)
+            time.sleep(pause)
+        manifest = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "files": files}
+        _write_atomic_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+        if final.exists():  # a re-save of the same step: keep the old one until the new is in place
+            old = root / f".old-{name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_atomic_text(root / "latest", name + "\n")
+        _prune(root, keep_latest)
+        size = sum(v["bytes"] for v in files.values())
+        log.info("checkpoint %s: %.1f MiB in %.2fs", final, size / 2**20, time.perf_counter() - t0)
+    _barrier(world_size)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: p.name)
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- find and verify
+
+def verify(path: Path) -> dict:
+    """The manifest of a complete, intact checkpoint; CheckpointError naming the fault otherwise."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: incomplete (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}/manifest.json: corrupt ({e})") from None
+    for name, meta in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if f.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"{f}: truncated or altered ({f.stat().st_size} bytes, "
+                                  f"manifest says {meta['bytes']})")
+        if _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{f}: checksum mismatch (corrupt)")
+    return manifest
+
+
+def _candidates(root: Path) -> list[Path]:
+    steps = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: p.name,
+                   reverse=True)
+    latest = root / "latest"
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        steps = [named] + [p for p in steps if p != named]
+    return steps
+
+
+def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
+    """'none' -> None; 'auto' -> newest intact checkpoint under run_dir (or None); else that path."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if path.is_dir() and not (path / "manifest.json").exists() and (path / "latest").is_file():
+            path = path / (path / "latest").read_text().strip()  # a checkpoints/ root was given
+        verify(path)
+        return path
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    for path in _candidates(root):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s", e)
+    raise CheckpointError(f"--resume auto: no intact checkpoint under {root}; "
+                          f"use --resume none to start afresh (a new --run_dir keeps this one)")
+
+
+# --------------------------------------------------------------------------- load
+
+def load_model_state(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def load_trainer_state(path: Path) -> dict:
+    return torch.load(path / "trainer.pt", weights_only=True)
+
+
+def load_optim_shards(path: Path) -> list[dict]:
+    """Every rank's saved optimizer shard, in rank order (a new world size reads them all)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    return [torch.load(path / _rank_files(r)[0], weights_only=True)
+            for r in range(manifest["world_size"])]
+
+
+def load_rng_state(path: Path, rank: int) -> bool:
+    """Restore this rank's RNG if the checkpoint has one for it (same or larger world size)."""
+    f = path / _rank_files(rank)[1]
+    if not f.is_file():
+        return False
+    set_rng_state(torch.load(f, weights_only=True))
+    return True
+
+
+# --------------------------------------------------------------------------- optimizer state by name
+
+def _param_names(model: torch.nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def optimizer_shard(optimizer, model: torch.nn.Module, rank: int) -> dict:
+    """This rank's optimizer state keyed by parameter name.
+
+    Optimizers that already key their state by name (the block optimizer) give their own
+    `state_dict()`; a dense torch optimizer's positional state is re-keyed by name here, once
+    (rank 0), since every rank holds the same copy."""
+    if getattr(optimizer, "state_keyed_by_name", False):
+        return {"kind": "named", "state": optimizer.state_dict()}
+    if rank != 0:
+        return {"kind": "torch", "replica_of_rank": 0}
+    names = _param_names(model)
+    sd = optimizer.state_dict()
+    index_to_name = {}
+    for group, saved in zip(optimizer.param_groups, sd["param_groups"]):
+        for p, idx in zip(group["params"], saved["params"]):
+            index_to_name[idx] = names[id(p)]
+    return {"kind": "torch",
+            "state": {index_to_name[i]: s for i, s in sd["state"].items()},
+            "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]}
+                             for g in sd["param_groups"]]}
+
+
+def restore_optimizer(optimizer, model: torch.nn.Module, shards: list[dict]) -> None:
+    """Load the saved shards (all ranks' files, in rank order) into this rank's optimizer."""
+    kinds = {s["kind"] for s in shards}
+    if getattr(optimizer, "state_keyed_by_name", False):
+        if kinds != {"named"}:
+            raise CheckpointError(f"checkpoint optimizer state is {kinds}, the run's optimizer "
+                                  f"{type(optimizer).__name__} needs name-keyed block state")
+        optimizer.load_state_dict_shards([s["state"] for s in shards])
+        return
+    if kinds != {"torch"}:
+        raise CheckpointError(f"checkpoint optimizer state is {kinds}; this run uses "
+                              f"{type(optimizer).__name__}: resume with the same optim.name")
+    saved = shards[0]  # dense optimizers are replicated: every rank saved the same state
+    names = _param_names(model)
+    name_to_index, groups = {}, []
+    index = 0
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        current = [names[id(p)] for p in group["params"]]
+        if current != saved_group["params"]:
+            raise CheckpointError("checkpoint optimizer parameters do not match the model "
+                                  "(different model.preset?)")
+        ids = list(range(index, index + len(current)))
+        name_to_index.update(zip(current, ids))
+        groups.append({**saved_group, "params": ids})
+        index += len(current)
+    optimizer.load_state_dict({"state": {name_to_index[n]: s for n, s in saved["state"].items()},
+                               "param_groups": groups})

@@ -1,0 +1,143 @@
+"""Checkpoints: SIGKILL and resume bit-identically, crash mid-save, corruption, world-size change."""
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from scaletrain import checkpoint as ckpt
+from tests.launching import REPO, TINY, launch_cmd, read_metrics, run_pretrain, write_ds_config
+
+STEPS = 12
+
+
+def last_loss_per_step(run_dir):
+    return {row["step"]: row["loss"] for row in read_metrics(run_dir)}  # later rows win
+
+
+def kill_when(run_args, launcher, nproc, ready, env=None, timeout=300):
+    """Start a run in its own process group and SIGKILL all of it once `ready()` is true."""
+    proc = subprocess.Popen(launch_cmd(launcher, nproc) + run_args, cwd=REPO, start_new_session=True,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended before the kill point: {proc.stderr.read()[-3000:]}")
+            if time.time() > deadline:
+                raise AssertionError("kill point never reached")
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def rows_at_least(run_dir, n):
+    f = run_dir / "metrics.jsonl"
+    return lambda: f.exists() and len(f.read_text().splitlines()) >= n
+
+
+@pytest.mark.parametrize("optim", ["adamw"])
+def test_sigkill_two_ranks_then_resume_is_bit_identical(tmp_path, optim):
+    ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1)
+    common = ["--deepspeed_config", str(ds), "--train.steps", str(STEPS), "--optim.name", optim,
+              "--checkpoint.every_steps", "3"] + TINY
+    run_pretrain(["--run_dir", str(tmp_path / "whole")] + common, launcher="deepspeed", nproc=2)
+    cut = tmp_path / "cut"
+    kill_when(["--run_dir", str(cut)] + common, "deepspeed", 2, rows_at_least(cut, 7))
+    assert (cut / "checkpoints" / "latest").exists()
+    run_pretrain(["--run_dir", str(cut), "--resume", "auto"] + common, launcher="deepspeed", nproc=2)
+    assert last_loss_per_step(cut) == last_loss_per_step(tmp_path / "whole")  # exact equality
+
+
+def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path):
+    common = ["--train.steps", "8", "--checkpoint.every_steps", "4"] + TINY
+    run_pretrain(["--run_dir", str(tmp_path / "whole")] + common)
+    cut = tmp_path / "cut"
+    pending = cut / "checkpoints" / ".tmp-step_00000008" / "trainer.pt"
+    kill_when(["--run_dir", str(cut)] + common, "python", 1, pending.exists,
+              env={ckpt.PAUSE_BEFORE_COMMIT_ENV: "8:60"})
+    assert (cut / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert ckpt.find_checkpoint("auto", cut).name == "step_00000004"
+    proc = run_pretrain(["--run_dir", str(cut), "--resume", "auto"] + common)
+    assert "at step 4" in proc.stderr
+    assert last_loss_per_step(cut) == last_loss_per_step(tmp_path / "whole")
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ckpts") / "run"
+    run_pretrain(["--run_dir", str(run), "--train.steps", "6", "--checkpoint.every_steps", "2",
+                  "--checkpoint.keep_latest", "2"] + TINY)
+    return run
+
+
+def test_keep_latest_prunes_and_latest_is_newest(three_checkpoints):
+    root = three_checkpoints / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004", "step_00000006"]
+    assert ckpt.find_checkpoint("auto", three_checkpoints).name == "step_00000006"
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "delete", "no_manifest"])
+def test_damaged_checkpoint_is_named_and_previous_used(three_checkpoints, tmp_path, caplog, damage):
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    newest = run / "checkpoints" / "step_00000006"
+    target = newest / ("manifest.json" if damage == "no_manifest" else "optim_rank00000.pt")
+    if damage == "flip_byte":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    else:
+        target.unlink()
+    with caplog.at_level(logging.WARNING, logger="scaletrain"):
+        assert ckpt.find_checkpoint("auto", run).name == "step_00000004"
+    assert "step_00000006" in caplog.text
+    with pytest.raises(ckpt.CheckpointError, match="step_00000006"):
+        ckpt.find_checkpoint(str(newest), run)  # an explicit path is never silently replaced
+
+
+def test_no_intact_checkpoint_is_a_clear_error(three_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    for d in (run / "checkpoints").glob("step_*"):
+        (d / "model.safetensors").unlink()
+    proc = run_pretrain(["--run_dir", str(run), "--resume", "auto", "--train.steps", "6"] + TINY,
+                        check=False)
+    assert proc.returncode == 1 and "no intact checkpoint" in proc.stderr
+
+
+def test_optimizer_state_loads_weights_only_and_by_name(three_checkpoints):
+    path = three_checkpoints / "checkpoints" / "step_00000006"
+    shard = torch.load(path / "optim_rank00000.pt", weights_only=True)
+    assert shard["kind"] == "torch"
+    assert "model.layers.0.self_attn.q_proj.weight" in shard["state"]
+    state = torch.load(path / "trainer.pt", weights_only=True)
+    assert state["step"] == 6 and state["loader"]["windows_consumed"] > 0
+
+
+def test_two_ranks_saved_one_rank_resumes(tmp_path):
+    """Same global batch: 2 ranks x micro 2 == 1 rank x micro 2 x accumulation 2."""
+    ds2 = write_ds_config(tmp_path / "ds2.json", micro=2, accum=1)
+    ds1 = write_ds_config(tmp_path / "ds1.json", micro=2, accum=2)
+    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "6"] + TINY
+    run_pretrain(["--run_dir", str(tmp_path / "whole"), "--deepspeed_config", str(ds2)] + common,
+                 launcher="deepspeed", nproc=2)
+    # move the run to one rank from its step-6 checkpoint; the 2-rank steps 7..12 get rewritten
+    run = tmp_path / "moved"
+    shutil.copytree(tmp_path / "whole", run)
+    shutil.rmtree(run / "checkpoints" / "step_00000012")
+    (run / "checkpoints" / "latest").write_text("step_00000006\n")
+    run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common)
+    got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
+    np.testing.assert_allclose([got[s] for s in range(7, STEPS + 1)],
+                               [want[s] for s in range(7, STEPS + 1)], rtol=0, atol=1e-5)
