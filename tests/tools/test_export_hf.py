@@ -1,0 +1,46 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scaletrain import checkpoint as ckpt
+from scaletrain.data import load_tokenizer
+from scaletrain.models.llama import build_model
+from tests.launching import REPO, TINY, run_pretrain
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("export") / "run"
+    run_pretrain(["--run_dir", str(run), "--train.steps", "4"] + TINY)
+    return run
+
+
+def test_export_round_trip_gives_identical_logits(trained_run, tmp_path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "tools/export_hf.py", str(trained_run / "checkpoints" / "latest"),
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf = LlamaForCausalLM.from_pretrained(out).eval()
+    ours = build_model("llama_9m", 8192)
+    ours.load_state_dict(ckpt.load_model_state(ckpt.find_checkpoint("auto", trained_run)))
+    ours.eval()
+    text = "Beginners BBQ Class Taking Place in Missoula! Do you want to get better at smoking?"
+    ids = load_tokenizer("default").encode(text)
+    assert AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"] == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=x).logits, ours(input_ids=x).logits)
+
+
+def test_export_refuses_to_overwrite(trained_run, tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = subprocess.run([sys.executable, "tools/export_hf.py", str(trained_run), str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "not empty" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
