@@ -275,32 +275,40 @@ def load_rng_state(path: Path, rank: int) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------- optimizer state by name
+# --------------------------------------------------------------------------- state by name
 
-def _param_names(model: torch.nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
+def _is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2 DTensors
+
+
+def model_state(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """Full weights on rank 0 (a collective gather when the model is sharded), {} elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if rank == 0 else {}
+
+
+def restore_model(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=_is_sharded(model)))
 
 
 def optimizer_shard(optimizer, model: torch.nn.Module, rank: int) -> dict:
     """This rank's optimizer state keyed by parameter name.
 
-    Optimizers that already key their state by name (the block optimizer) give their own
-    `state_dict()`; a dense torch optimizer's positional state is re-keyed by name here, once
-    (rank 0), since every rank holds the same copy."""
+    Optimizers that key their state by name themselves (the block optimizer) give their own
+    `state_dict()`. A dense torch optimizer's state comes from torch.distributed.checkpoint's
+    state-dict API, keyed by parameter name and gathered in full (FSDP shards included); it is
+    the same on every rank, so rank 0 writes it once."""
     if getattr(optimizer, "state_keyed_by_name", False):
         return {"kind": "named", "state": optimizer.state_dict()}
-    if rank != 0:
-        return {"kind": "torch", "replica_of_rank": 0}
-    names = _param_names(model)
-    sd = optimizer.state_dict()
-    index_to_name = {}
-    for group, saved in zip(optimizer.param_groups, sd["param_groups"]):
-        for p, idx in zip(group["params"], saved["params"]):
-            index_to_name[idx] = names[id(p)]
-    return {"kind": "torch",
-            "state": {index_to_name[i]: s for i, s in sd["state"].items()},
-            "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]}
-                             for g in sd["param_groups"]]}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"kind": "torch", **full} if rank == 0 else {"kind": "torch", "replica_of_rank": 0}
 
 
 def restore_optimizer(optimizer, model: torch.nn.Module, shards: list[dict]) -> None:
@@ -315,18 +323,13 @@ def restore_optimizer(optimizer, model: torch.nn.Module, shards: list[dict]) -> 
     if kinds != {"torch"}:
         raise CheckpointError(f"checkpoint optimizer state is {kinds}; this run uses "
                               f"{type(optimizer).__name__}: resume with the same optim.name")
-    saved = shards[0]  # dense optimizers are replicated: every rank saved the same state
-    names = _param_names(model)
-    name_to_index, groups = {}, []
-    index = 0
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-        current = [names[id(p)] for p in group["params"]]
-        if current != saved_group["params"]:
-            raise CheckpointError("checkpoint optimizer parameters do not match the model "
-                                  "(different model.preset?)")
-        ids = list(range(index, index + len(current)))
-        name_to_index.update(zip(current, ids))
-        groups.append({**saved_group, "params": ids})
-        index += len(current)
-    optimizer.load_state_dict({"state": {name_to_index[n]: s for n, s in saved["state"].items()},
-                               "param_groups": groups})
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    full = {k: v for k, v in shards[0].items() if k != "kind"}
+    names = {n for n, _ in model.named_parameters()}
+    saved = set(full["param_groups"][0]["params"]) if full["param_groups"] else set()
+    if saved != names:
+        raise CheckpointError("checkpoint optimizer parameters do not match the model "
+                              "(a different model.preset?)")
+    set_optimizer_state_dict(model, optimizer, full,
+                             options=StateDictOptions(full_state_dict=_is_sharded(model)))

@@ -107,8 +107,9 @@ class RunConfig:
     resume: str = doc("none", "none | auto (newest intact checkpoint under run_dir/checkpoints) | "
                       "a checkpoint directory.")
     backend: str = doc("auto", "deepspeed | fsdp | single; auto: deepspeed under a launcher "
-                       "(deepspeed, torchrun, mpirun), single under plain python.",
-                       ("auto", "deepspeed", "single"))
+                       "(deepspeed, torchrun, mpirun), single under plain python. fsdp: FSDP2 "
+                       "fully_shard (ZeRO-3), e.g. under torchrun.",
+                       ("auto", "deepspeed", "fsdp", "single"))
     deepspeed_config: str = doc("ds_configs/default.json", "DeepSpeed JSON: micro-batch, "
                                 "accumulation, precision, ZeRO stage, clipping. Read by every backend.")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -270,6 +271,8 @@ def validate(cfg: RunConfig) -> None:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"config key 'optim.name' is {cfg.optim.name!r}{hint}; "
                           f"choose one of {sorted(OPTIMIZERS)}")
+    _check(not (cfg.backend == "fsdp" and cfg.optim.name == "block"), "backend",
+           "fsdp does not run the block optimizer yet; use --backend deepspeed")
     _check(cfg.data.seq_len > 0, "data.seq_len", "must be positive")
     _check(cfg.data.seq_len <= 1024, "data.seq_len", "must be <= 1024 (the presets' max positions)")
     _check(cfg.train.steps > 0, "train.steps", "must be positive")

@@ -15,7 +15,7 @@ import yaml
 from scaletrain import checkpoint as ckpt
 from scaletrain.config import ConfigError, RunConfig, help_text, load_config, load_ds_config, to_dict
 from scaletrain.data import CorruptShardError, DataPathError, TrainWindowLoader, c4_source, eval_windows, load_tokenizer
-from scaletrain.dist.engines import build_engine, resolve_precision
+from scaletrain.dist.engines import build_engine, resolve_precision, shard_model
 from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
                                      init_distributed, resolve_backend, shutdown)
 from scaletrain.metrics import MetricsWriter, ProgressBar, peak_memory_bytes, selection_heatmap
@@ -79,13 +79,21 @@ def _setup_logging(run_dir: Path, ctx: DistContext) -> None:
 
 
 def evaluate(module, batches: list[torch.Tensor], ctx: DistContext) -> float:
-    """Mean held-out loss over the validation windows of all ranks (token-weighted)."""
+    """Mean held-out loss over the validation windows of all ranks (token-weighted).
+
+    Every rank runs the same number of forwards (a sharded model gathers its weights
+    collectively); a rank short of windows runs uncounted ones on a copy of its last window or zeros."""
     module.eval()
     loss_sum, count = 0.0, 0.0
+    rounds = int(all_reduce_max(len(batches), ctx))
+    filler = batches[-1][:1] if batches else torch.zeros(1, 2, dtype=torch.long)
     with torch.no_grad():
-        for mb in batches:
-            loss_sum += causal_lm_loss(module, mb.to(ctx.device)).item() * mb.shape[0]
-            count += mb.shape[0]
+        for i in range(rounds):
+            mb = batches[i] if i < len(batches) else filler
+            loss = causal_lm_loss(module, mb.to(ctx.device)).item()
+            if i < len(batches):
+                loss_sum += loss * mb.shape[0]
+                count += mb.shape[0]
     module.train()
     loss_sum, count = all_reduce_sum([loss_sum, count], ctx)
     return loss_sum / max(count, 1.0)
@@ -125,7 +133,7 @@ def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
             log.info("--resume auto: no checkpoint under %s, starting afresh", run_dir)
         return 0
     state = ckpt.load_trainer_state(path)
-    engine.module.load_state_dict(ckpt.load_model_state(path))
+    ckpt.restore_model(engine.module, ckpt.load_model_state(path))
     if engine.owns_optimizer_checkpoint:
         if state["world_size"] != ctx.world_size:
             raise ckpt.CheckpointError(
@@ -147,7 +155,7 @@ def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
 def save(cfg, run_dir, step, ctx, engine, optimizer, scheduler, loader, ds_config) -> None:
     ckpt.save_checkpoint(
         run_dir / "checkpoints", step, rank=ctx.rank, world_size=ctx.world_size,
-        model_state=engine.module.state_dict() if ctx.is_main else {},
+        model_state=ckpt.model_state(engine.module, ctx.rank),
         optim_shard=({"kind": "deepspeed"} if engine.owns_optimizer_checkpoint
                      else ckpt.optimizer_shard(optimizer, engine.module, ctx.rank)),
         trainer_state={"step": step, "world_size": ctx.world_size,
@@ -172,6 +180,8 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
     model = build_model(cfg.model.preset, tokenizer.vocab_size, seed=cfg.seed,
                         activation_checkpointing=cfg.model.activation_checkpointing)
     n_params = count_params(model)
+    if backend == "fsdp":
+        model = shard_model(model, ds_config, ctx)  # before the optimizer sees the parameters
     optimizer, syncs_grads = build_optimizer(cfg.optim, model, float(ds_config.get("gradient_clipping", 0.0)))
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
     engine = build_engine(backend, model, optimizer, scheduler, ds_config, ctx, syncs_grads)

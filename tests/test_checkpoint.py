@@ -141,3 +141,20 @@ def test_two_ranks_saved_one_rank_resumes(tmp_path):
     got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
     np.testing.assert_allclose([got[s] for s in range(7, STEPS + 1)],
                                [want[s] for s in range(7, STEPS + 1)], rtol=0, atol=1e-5)
+
+
+def test_fsdp2_checkpoint_resumes_under_deepspeed_on_one_rank(tmp_path):
+    ds2 = write_ds_config(tmp_path / "ds2.json", micro=2, accum=1)
+    ds1 = write_ds_config(tmp_path / "ds1.json", micro=2, accum=2)
+    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "6"] + TINY
+    run_pretrain(["--run_dir", str(tmp_path / "whole"), "--backend", "fsdp", "--deepspeed_config",
+                  str(ds2)] + common, launcher="torchrun", nproc=2)
+    run = tmp_path / "moved"
+    shutil.copytree(tmp_path / "whole", run)
+    shutil.rmtree(run / "checkpoints" / "step_00000012")
+    (run / "checkpoints" / "latest").write_text("step_00000006\n")
+    run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common,
+                 launcher="deepspeed", nproc=1)
+    got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
+    np.testing.assert_allclose([got[s] for s in range(7, STEPS + 1)],
+                               [want[s] for s in range(7, STEPS + 1)], rtol=0, atol=1e-5)

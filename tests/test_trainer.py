@@ -55,3 +55,52 @@ def test_torchrun_matches_one_rank(tmp_path, one_rank_reference):
     run_pretrain(["--run_dir", str(tmp_path / "run"), "--deepspeed_config", str(ds),
                   "--train.steps", str(STEPS)] + TINY, launcher="torchrun", nproc=2)
     np.testing.assert_allclose(losses(tmp_path / "run"), one_rank_reference, rtol=0, atol=1e-5)
+
+
+BLOCK = ["--optim.name", "block", "--optim.density", "0.2", "--optim.reselect_every", "7",
+         "--optim.debug_checks", "true"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_block_reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("block_ref")
+    ds = write_ds_config(tmp / "ds.json", micro=2, accum=2)
+    run_pretrain(["--run_dir", str(tmp / "run"), "--deepspeed_config", str(ds),
+                  "--train.steps", str(STEPS)] + TINY + BLOCK)
+    return read_metrics(tmp / "run")
+
+
+def test_block_optimizer_run_logs_selection(one_rank_block_reference, tmp_path):
+    rows = one_rank_block_reference
+    last = rows[-1]
+    for key in ("selected_params", "selection_churn", "wire_bytes", "optim_state_bytes"):
+        assert key in last, key
+    # density 0.2 of the candidate (non-embedding, non-head) parameters; fp32 moments = 8 B each
+    assert 0 < last["selected_params"] <= 0.2 * last["n_params"]
+    assert last["optim_state_bytes"] <= 8 * last["selected_params"] + 4096
+    churn = [r["selection_churn"] for r in rows]
+    assert any(c > 0 for c in churn[1:]), "reselect_every 7 should have moved the selection"
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_block_two_ranks_match_one_rank(tmp_path, one_rank_block_reference, launcher):
+    ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1, stage=2)
+    run_pretrain(["--run_dir", str(tmp_path / "run"), "--deepspeed_config", str(ds),
+                  "--train.steps", str(STEPS)] + TINY + BLOCK, launcher=launcher, nproc=2)
+    got = read_metrics(tmp_path / "run")
+    np.testing.assert_allclose([r["loss"] for r in got],
+                               [r["loss"] for r in one_rank_block_reference], rtol=0, atol=1e-5)
+    assert [r["selected_params"] for r in got] == [r["selected_params"] for r in one_rank_block_reference]
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_fsdp2_matches_one_rank(tmp_path, nproc):
+    """FSDP2 (fully_shard) under torchrun; 3 ranks shard unevenly. Same global batch as 1 rank."""
+    ref = tmp_path / "ref"
+    run_pretrain(["--run_dir", str(ref), "--deepspeed_config",
+                  str(write_ds_config(tmp_path / "ds1.json", micro=2, accum=nproc)),
+                  "--train.steps", "8"] + TINY)
+    ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1)
+    run_pretrain(["--run_dir", str(tmp_path / "run"), "--backend", "fsdp", "--deepspeed_config",
+                  str(ds), "--train.steps", "8"] + TINY, launcher="torchrun", nproc=nproc)
+    np.testing.assert_allclose(losses(tmp_path / "run"), losses(ref), rtol=0, atol=1e-5)

@@ -4,6 +4,8 @@ Each engine owns gradient accumulation, clipping, precision and the optimizer/LR
 configured by the DeepSpeed JSON (the single source of truth for those knobs):
   DeepSpeedEngine  `deepspeed.initialize` with our optimizer as the client optimizer
   SingleEngine     one process, plain PyTorch (no DeepSpeed runtime), same numerics
+  FSDPEngine       FSDP2 (`fully_shard`, ZeRO-3): every parameter sharded across ranks; the
+                   model is sharded by `shard_model` before the optimizer is built
 
 Optimizers that synchronise gradients themselves (the block optimizer only reduces the blocks
 it trains) set `syncs_grads`: the engine then neither all-reduces nor clips (the optimizer clips
@@ -37,6 +39,10 @@ def bf16_enabled(ds_config: dict[str, Any]) -> bool:
     return bool(ds_config.get("bf16", {}).get("enabled", False))
 
 
+def _as_float(norm) -> float:
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
+
+
 class SingleEngine:
     """World size 1, no DeepSpeed runtime: accumulation, clipping and bf16 autocast by hand."""
 
@@ -56,27 +62,60 @@ class SingleEngine:
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> float:
         total = 0.0
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
+            self._sync_grads(i == len(micro_batches) - 1)
             with self._autocast():
                 loss = causal_lm_loss(self.module, mb.to(self.device))
             (loss / len(micro_batches)).backward()
             total += loss.item()
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.clip > 0:
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip))
+            self.grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(params, self.clip))
         else:
-            self.grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            self.grad_norm = _as_float(torch.nn.utils.get_total_norm([p.grad for p in params]))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.grad_norm = getattr(self.optimizer, "last_grad_norm", self.grad_norm)
         return total / len(micro_batches)
 
+    def _sync_grads(self, last_micro_batch: bool) -> None:
+        pass  # one process: nothing to synchronise
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     owns_optimizer_checkpoint = False
+
+
+def shard_model(model, ds_config: dict, ctx: DistContext):
+    """FSDP2: shard each decoder layer, then the root (embedding, final norm, head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.to(ctx.device)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if bf16_enabled(ds_config) else MixedPrecisionPolicy())
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+class FSDPEngine(SingleEngine):
+    """FSDP2: the same step as SingleEngine; FSDP reduce-scatters (averages) gradients across ranks
+    in backward, so parameters, gradients and AdamW state are all sharded (ZeRO-3)."""
+
+    def __init__(self, model, optimizer, scheduler, ds_config: dict, ctx: DistContext,
+                 syncs_grads: bool):
+        if syncs_grads:
+            raise NotImplementedError("the block optimizer does not run under --backend fsdp yet; "
+                                      "use --backend deepspeed")
+        super().__init__(model, optimizer, scheduler, ds_config, ctx, syncs_grads)
+        self.autocast = False  # FSDP's MixedPrecisionPolicy casts instead
+
+    def _sync_grads(self, last_micro_batch: bool) -> None:
+        self.module.set_requires_gradient_sync(last_micro_batch)  # reduce once per step
 
 
 class DeepSpeedEngine:
@@ -150,7 +189,7 @@ class DeepSpeedEngine:
                                     load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
-ENGINES = {"deepspeed": DeepSpeedEngine, "single": SingleEngine}
+ENGINES = {"deepspeed": DeepSpeedEngine, "single": SingleEngine, "fsdp": FSDPEngine}
 
 
 def build_engine(backend: str, model, optimizer, scheduler, ds_config, ctx, syncs_grads: bool):
