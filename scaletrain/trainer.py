@@ -235,7 +235,7 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
         if n_sel and (done == cfg.train.steps or (n_sel > heatmap_at and n_sel % HEATMAP_EVERY_SELECTIONS == 0)):
             heatmap_at = n_sel
             metrics.figure("selection_heatmap",
-                           selection_heatmap(optimizer.block_names, optimizer.selection_history), done)
+                           selection_heatmap(optimizer.layer_names, optimizer.selection_history), done)
     bar.close()
     if ctx.is_main:
         log.info("done: loss %.4f, eval_loss %.4f (ppl %.2f) -> %s", row.get("loss", float("nan")),

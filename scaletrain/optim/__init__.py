@@ -27,7 +27,7 @@ def _adamw(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float) -> to
 
 
 def _block(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float) -> torch.optim.Optimizer:
-    from scaletrain.optim.block import BlockOptimizer
+    from scaletrain.optim.blockllm import BlockOptimizer
 
     return BlockOptimizer(
         model.named_parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,

@@ -1,0 +1,347 @@
+"""Block optimizer: BlockLLM's selection of a few parameter blocks, made global across ranks.
+
+Only the selected blocks (parameter tensors, or row chunks of tensors too big for the budget)
+require grad, hold Adam state and send gradients; the rest costs no weight-gradient compute,
+no memory and no communication. The pieces:
+
+  partition_blocks   which blocks exist (names, sizes, row chunks)
+  BlockSelector      BlockLLM's score and budget rule: pure, deterministic
+  reselection_due    BlockLLM's patience rule: a pure function of the loss history
+  BlockOptimizer     a torch.optim.Optimizer composing them with AdamW on selected blocks
+
+Selection statistic: in a selection pass every candidate requires grad for one forward/backward;
+a post-accumulate-grad hook adds the squared norm of each micro-batch's gradient to a per-block
+vector and frees the gradient at once (all gradients are never held together). One all-reduce of
+that vector makes it global, so W ranks with A micro-batches each select exactly what one rank
+with W*A micro-batches of the same size selects. See DESIGN.md for where this departs from the
+official code and why.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+BUCKET_BYTES = 32 * 2**20  # gradient all-reduce bucket: bounds the flat buffer's extra memory
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str                        # parameter name, or 'param[rows a:b]' for a row chunk
+    param: str                       # the parameter it belongs to
+    rows: tuple[int, int] | None     # row range of a chunk; None for a whole tensor
+    numel: int
+
+
+def partition_blocks(named_shapes: Iterable[tuple[str, torch.Size]], frozen_patterns: tuple[str, ...],
+                     density: float, max_block_fraction: float) -> tuple[list[Block], int]:
+    """Candidate blocks and the parameter budget (density x candidate parameters).
+
+    Whole tensors are blocks, as in BlockLLM. A 2-D tensor larger than the whole budget could
+    never be selected, so it competes as row chunks of at most max_block_fraction x budget."""
+    candidates = [(n, s) for n, s in named_shapes if not any(p in n for p in frozen_patterns)]
+    budget = int(density * sum(math.prod(s) for _, s in candidates))
+    blocks = []
+    for name, shape in candidates:
+        numel = math.prod(shape)
+        if numel <= budget or len(shape) != 2:
+            blocks.append(Block(name, name, None, numel))
+            continue
+        rows = max(1, int(max_block_fraction * budget) // shape[1])
+        for start in range(0, shape[0], rows):
+            end = min(start + rows, shape[0])
+            blocks.append(Block(f"{name}[rows {start}:{end}]", name, (start, end), (end - start) * shape[1]))
+    return blocks, budget
+
+
+class BlockSelector:
+    """BlockLLM's rule: score = gradient norm / exp(visit_freq / step), greedy under the budget.
+
+    visit_freq is each block's share of all selections so far (every block starts with one
+    visit, and shares are renormalised after each increment, as the official code does)."""
+
+    def __init__(self, blocks: list[Block], budget: int):
+        self.blocks = blocks
+        self.budget = budget
+        self.visits = {b.name: 1.0 / len(blocks) for b in blocks}
+
+    def scores(self, norms: dict[str, float], step: int) -> dict[str, float]:
+        return {b.name: norms[b.name] / math.exp(self.visits[b.name] / max(step, 1)) for b in self.blocks}
+
+    def select(self, norms: dict[str, float], step: int) -> list[str]:
+        scores = self.scores(norms, step)
+        ranked = sorted(self.blocks, key=lambda b: (-scores[b.name], b.name))  # ties by name
+        chosen, used = [], 0
+        for b in ranked:  # a block that would overflow is skipped and smaller ones still fill in
+            if used + b.numel <= self.budget:
+                chosen.append(b.name)
+                used += b.numel
+        if not chosen:  # budget smaller than every block: train the best one rather than nothing
+            chosen = [ranked[0].name]
+        for name in chosen:
+            self.visits[name] += 1
+            total = sum(self.visits.values())
+            self.visits = {k: v / total for k, v in self.visits.items()}
+        return sorted(chosen)
+
+
+def reselection_due(losses_since_selection: list[float], patience: int) -> bool:
+    """BlockLLM's trigger: more than `patience` losses recorded since the last selection, and the
+    mean of the last `patience` is above the mean of all of them (recent loss stopped improving)."""
+    if len(losses_since_selection) <= patience:
+        return False
+    mean_all = sum(losses_since_selection) / len(losses_since_selection)
+    mean_recent = sum(losses_since_selection[-patience:]) / patience
+    return mean_all < mean_recent
+
+
+class BlockOptimizer(torch.optim.Optimizer):
+    """AdamW on a globally selected set of blocks; state keyed by block name.
+
+    The trainer calls, per step: `wants_selection(step)`; if True, a forward/backward inside
+    `selection_pass()`; the normal forward/backward; `step()` (averages the selected gradients
+    across ranks, clips, updates); `record_loss(global loss)`."""
+
+    state_keyed_by_name = True  # the checkpoint stores our own state_dict
+
+    def __init__(self, named_params, *, lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 density=0.05, patience=100, check_every=1000, reselect_every=0,
+                 frozen_patterns=("embed", "lm_head"), max_block_fraction=0.5,
+                 keep_state_on_reselect=False, max_grad_norm=0.0, debug_checks=False,
+                 process_group=None):
+        named = list(named_params)
+        super().__init__([p for _, p in named], dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.params = dict(named)
+        self.n_params = sum(p.numel() for p in self.params.values())
+        self.blocks, self.budget = partition_blocks(((n, p.shape) for n, p in named),
+                                                    tuple(frozen_patterns), density, max_block_fraction)
+        self.block_by_name = {b.name: b for b in self.blocks}
+        self.selector = BlockSelector(self.blocks, self.budget)
+        self.patience, self.check_every, self.reselect_every = patience, check_every, reselect_every
+        self.keep_state_on_reselect = keep_state_on_reselect
+        self.max_grad_norm, self.debug_checks = max_grad_norm, debug_checks
+        self.group = process_group
+        self.selected: list[str] = []
+        self.block_state: dict[str, dict] = {}
+        self.losses_since_selection: list[float] = []
+        self.selection_history: list[list[str]] = []
+        self.last_selection_step = -1
+        self.last_grad_norm = 0.0
+        self.wire_bytes_last_step = 0
+        self._churn, self._selection_time = 0, 0.0
+        self._pending_step = 0
+        for p in self.params.values():  # nothing trains until the first selection
+            p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ who am I
+    @property
+    def block_names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(dict.fromkeys(b.param for b in self.blocks))
+
+    def _world(self) -> int:
+        return dist.get_world_size(self.group) if dist.is_initialized() else 1
+
+    # ------------------------------------------------------------------ selection
+    def wants_selection(self, step: int) -> bool:
+        self._pending_step = step
+        if not self.selected:
+            return True
+        if self.reselect_every and step % self.reselect_every == 0:
+            return True
+        return step % self.check_every == 0 and reselection_due(self.losses_since_selection, self.patience)
+
+    def record_loss(self, loss: float) -> None:
+        self.losses_since_selection.append(float(loss))
+
+    @contextlib.contextmanager
+    def selection_pass(self):
+        """Inside: every candidate parameter requires grad and its gradient is reduced to squared
+        block norms as soon as it is accumulated. On exit: one all-reduce, then the new selection."""
+        t0 = time.perf_counter()
+        index = {b.name: i for i, b in enumerate(self.blocks)}
+        sq_norms = torch.zeros(len(self.blocks), dtype=torch.float64)
+        by_param: dict[str, list[Block]] = {}
+        for b in self.blocks:
+            by_param.setdefault(b.param, []).append(b)
+
+        def hook_for(blocks: list[Block]):
+            def hook(p: torch.Tensor) -> None:
+                g = p.grad.detach().float()
+                for b in blocks:
+                    part = g if b.rows is None else g[b.rows[0]:b.rows[1]]
+                    sq_norms[index[b.name]] += part.pow(2).sum().item()
+                p.grad = None  # free at once: all gradients never coexist
+            return hook
+
+        handles = []
+        for name, blocks in by_param.items():
+            p = self.params[name]
+            p.requires_grad_(True)
+            p.grad = None
+            handles.append(p.register_post_accumulate_grad_hook(hook_for(blocks)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        if self._world() > 1:
+            dist.all_reduce(sq_norms, group=self.group)  # the one collective of a selection
+        norms = {b.name: math.sqrt(sq_norms[i].item()) for i, b in enumerate(self.blocks)}
+        self._apply_selection(self.selector.select(norms, self._pending_step))
+        self._selection_time = time.perf_counter() - t0
+
+    def _apply_selection(self, names: list[str]) -> None:
+        old, new = set(self.selected), set(names)
+        self._churn = len(old ^ new)
+        keep = old & new if self.keep_state_on_reselect else set()
+        self.block_state = {n: s for n, s in self.block_state.items() if n in keep}
+        self.selected = list(names)
+        self.selection_history.append(list(names))
+        self.last_selection_step = self._pending_step
+        self.losses_since_selection = []  # BlockLLM clears the history on every reselection
+        trained = {self.block_by_name[n].param for n in names}
+        for name, p in self.params.items():
+            p.requires_grad_(name in trained)
+            p.grad = None
+        if self.debug_checks:
+            self.assert_same_selection_on_all_ranks()
+
+    def assert_same_selection_on_all_ranks(self) -> None:
+        if self._world() == 1:
+            return
+        digest = int.from_bytes(hashlib.sha256("\n".join(self.selected).encode()).digest()[:7], "big")
+        lo, hi = torch.tensor([digest], dtype=torch.int64), torch.tensor([digest], dtype=torch.int64)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.group)
+        if lo.item() != hi.item():
+            raise RuntimeError("ranks selected different blocks: selection is not deterministic")
+
+    # ------------------------------------------------------------------ update
+    def _grad(self, b: Block) -> torch.Tensor | None:
+        g = self.params[b.param].grad
+        if g is None or b.rows is None:
+            return g
+        return g[b.rows[0]:b.rows[1]]
+
+    def _weight(self, b: Block) -> torch.Tensor:
+        w = self.params[b.param].data
+        return w if b.rows is None else w[b.rows[0]:b.rows[1]]  # a view: updates land in place
+
+    def _average_gradients(self, grads: list[torch.Tensor]) -> int:
+        """Average the selected blocks' gradients over ranks in flat buckets; returns bytes sent."""
+        world = self._world()
+        if world == 1 or not grads:
+            return 0
+        buckets, current, size = [], [], 0
+        for g in grads:
+            nbytes = g.numel() * g.element_size()
+            if current and size + nbytes > BUCKET_BYTES:
+                buckets.append(current)
+                current, size = [], 0
+            current.append(g)
+            size += nbytes
+        buckets.append(current)
+        sent = 0
+        for bucket in buckets:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=self.group)
+            flat /= world
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            sent += 2 * (world - 1) * flat.numel() * flat.element_size() // world  # ring all-reduce
+        return sent
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        group = self.param_groups[0]
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        blocks = [self.block_by_name[n] for n in self.selected if self._grad(self.block_by_name[n]) is not None]
+        grads = [self._grad(b) for b in blocks]
+        self.wire_bytes_last_step = self._average_gradients(grads)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
+        self.last_grad_norm = float(norm)
+        if self.max_grad_norm > 0 and grads:
+            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grad_norm_
+            for g in grads:
+                g.mul_(coef)
+        for b, grad in zip(blocks, grads):
+            self._adamw(b, grad, lr, beta1, beta2, eps, wd)
+        return loss
+
+    def _adamw(self, b: Block, grad, lr, beta1, beta2, eps, wd) -> None:
+        """torch.optim.AdamW's single-tensor update, op for op (bit-identical in fp32)."""
+        param = self._weight(b)
+        st = self.block_state.get(b.name)
+        if st is None:
+            st = self.block_state[b.name] = {"step": 0.0, "exp_avg": torch.zeros_like(param),
+                                              "exp_avg_sq": torch.zeros_like(param)}
+        st["step"] += 1.0
+        if wd != 0:
+            param.mul_(1 - lr * wd)
+        st["exp_avg"].lerp_(grad, 1 - beta1)
+        st["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = st["step"]
+        step_size = lr / (1 - beta1 ** step)
+        denom = (st["exp_avg_sq"].sqrt() / ((1 - beta2 ** step) ** 0.5)).add_(eps)
+        param.addcdiv_(st["exp_avg"], denom, value=-step_size)
+
+    # ------------------------------------------------------------------ introspection
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.block_state.values()
+                   for t in s.values() if torch.is_tensor(t))
+
+    def stats(self) -> dict:
+        selected = sum(self.block_by_name[n].numel for n in self.selected)
+        return {"selected_params": selected, "selected_fraction": selected / self.n_params,
+                "selected_blocks": len(self.selected), "selection_churn": self._churn,
+                "selection_time_s": self._selection_time, "optim_state_bytes": self.state_bytes(),
+                "wire_bytes": self.wire_bytes_last_step, "grad_norm": self.last_grad_norm}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Tensors and plain numbers/strings only, keyed by block name (weights_only loadable)."""
+        return {
+            "blocks": {n: dict(s) for n, s in self.block_state.items()},
+            "selected": list(self.selected),
+            "visits": dict(self.selector.visits),
+            "losses_since_selection": list(self.losses_since_selection),
+            "selection_history": [list(h) for h in self.selection_history],
+            "last_selection_step": self.last_selection_step,
+            "lr": self.param_groups[0]["lr"],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = set(state["selected"]) - set(self.block_by_name)
+        if unknown:
+            raise ValueError(f"saved selection has blocks this model/config does not: {sorted(unknown)[:3]}"
+                             " (a different model.preset, optim.density or optim.frozen_patterns?)")
+        self.selector.visits = dict(state["visits"])
+        self.losses_since_selection = list(state["losses_since_selection"])
+        self.selection_history = [list(h) for h in state["selection_history"]]
+        self.last_selection_step = state["last_selection_step"]
+        self.param_groups[0]["lr"] = state["lr"]
+        self.selected = list(state["selected"])
+        self.block_state = {n: dict(s) for n, s in state["blocks"].items()}
+        trained = {self.block_by_name[n].param for n in self.selected}
+        for name, p in self.params.items():
+            p.requires_grad_(name in trained)
+            p.grad = None
+
+    def load_state_dict_shards(self, shards: list[dict]) -> None:
+        """Merge the per-rank saved states (each holds the blocks that rank kept) and load."""
+        merged = dict(shards[0])
+        merged["blocks"] = {n: s for shard in shards for n, s in shard["blocks"].items()}
+        self.load_state_dict(merged)
