@@ -263,5 +263,5 @@ def _step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step, st
         s = optimizer.stats()
         row.update(wire_bytes=all_reduce_max(s["wire_bytes"], ctx), selected_params=s["selected_params"],
                    selected_fraction=s["selected_fraction"], selection_churn=s["selection_churn"],
-                   selection_time_s=s["selection_time_s"])
+                   selection_time_s=s["selection_time_s"], owner_imbalance=s["owner_imbalance"])
     return row

@@ -44,11 +44,15 @@ def rows_at_least(run_dir, n):
     return lambda: f.exists() and len(f.read_text().splitlines()) >= n
 
 
-@pytest.mark.parametrize("optim", ["adamw"])
+BLOCK = ["--optim.name", "block", "--optim.density", "0.2", "--optim.reselect_every", "5",
+         "--optim.keep_state_on_reselect", "true"]
+
+
+@pytest.mark.parametrize("optim", [["--optim.name", "adamw"], BLOCK], ids=["adamw", "block"])
 def test_sigkill_two_ranks_then_resume_is_bit_identical(tmp_path, optim):
     ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1)
-    common = ["--deepspeed_config", str(ds), "--train.steps", str(STEPS), "--optim.name", optim,
-              "--checkpoint.every_steps", "3"] + TINY
+    common = ["--deepspeed_config", str(ds), "--train.steps", str(STEPS),
+              "--checkpoint.every_steps", "3"] + optim + TINY
     run_pretrain(["--run_dir", str(tmp_path / "whole")] + common, launcher="deepspeed", nproc=2)
     cut = tmp_path / "cut"
     kill_when(["--run_dir", str(cut)] + common, "deepspeed", 2, rows_at_least(cut, 7))
@@ -155,6 +159,29 @@ def test_fsdp2_checkpoint_resumes_under_deepspeed_on_one_rank(tmp_path):
     (run / "checkpoints" / "latest").write_text("step_00000006\n")
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common,
                  launcher="deepspeed", nproc=1)
+    got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
+    np.testing.assert_allclose([got[s] for s in range(7, STEPS + 1)],
+                               [want[s] for s in range(7, STEPS + 1)], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_block_state_saved_at_two_ranks_resumes_at_other_world_sizes(tmp_path, new_world):
+    """The owner map is recomputed; each rank loads the blocks it now owns; losses continue."""
+    global_micro = 6  # divisible by 1, 2 and 3 ranks at micro-batch 1
+    ds2 = write_ds_config(tmp_path / "ds2.json", micro=1, accum=global_micro // 2)
+    dsn = write_ds_config(tmp_path / "dsn.json", micro=1, accum=global_micro // new_world)
+    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "6"] + BLOCK + TINY
+    run_pretrain(["--run_dir", str(tmp_path / "whole"), "--deepspeed_config", str(ds2)] + common,
+                 launcher="deepspeed", nproc=2)
+    saved = torch.load(tmp_path / "whole" / "checkpoints" / "step_00000006" / "optim_rank00001.pt",
+                       weights_only=True)["state"]
+    assert saved["blocks"] and set(saved["blocks"]) < set(saved["selected"])  # rank 1 kept its own only
+    run = tmp_path / "moved"
+    shutil.copytree(tmp_path / "whole", run)
+    shutil.rmtree(run / "checkpoints" / "step_00000012")
+    (run / "checkpoints" / "latest").write_text("step_00000006\n")
+    run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(dsn), "--resume", "auto"] + common,
+                 launcher="deepspeed", nproc=new_world)
     got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
     np.testing.assert_allclose([got[s] for s in range(7, STEPS + 1)],
                                [want[s] for s in range(7, STEPS + 1)], rtol=0, atol=1e-5)

@@ -62,12 +62,28 @@ BLOCK = ["--optim.name", "block", "--optim.density", "0.2", "--optim.reselect_ev
 
 
 @pytest.fixture(scope="module")
-def one_rank_block_reference(tmp_path_factory):
+def block_reference_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("block_ref")
     ds = write_ds_config(tmp / "ds.json", micro=2, accum=2)
     run_pretrain(["--run_dir", str(tmp / "run"), "--deepspeed_config", str(ds),
                   "--train.steps", str(STEPS)] + TINY + BLOCK)
-    return read_metrics(tmp / "run")
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def one_rank_block_reference(block_reference_dir):
+    return read_metrics(block_reference_dir)
+
+
+def test_selection_heatmap_reaches_tensorboard(block_reference_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(block_reference_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "selection_heatmap" in events.Tags()["images"]
+    image = events.Images("selection_heatmap")[-1]
+    assert image.step == STEPS and image.width > 100 and image.height > 100
+    assert "selected_params" in events.Tags()["scalars"]
 
 
 def test_block_optimizer_run_logs_selection(one_rank_block_reference, tmp_path):

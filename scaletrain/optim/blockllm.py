@@ -7,7 +7,12 @@ no memory and no communication. The pieces:
   partition_blocks   which blocks exist (names, sizes, row chunks)
   BlockSelector      BlockLLM's score and budget rule: pure, deterministic
   reselection_due    BlockLLM's patience rule: a pure function of the loss history
+  owner_map          ZeRO for selected blocks: each selected block gets exactly one owner rank
   BlockOptimizer     a torch.optim.Optimizer composing them with AdamW on selected blocks
+
+Per step (ZeRO-2 semantics at block granularity): each selected block's gradient is reduced to
+its owner only, the owner clips and updates it with the Adam state that only it holds, and the
+new values are broadcast from the owner. Frozen blocks send nothing.
 
 Selection statistic: in a selection pass every candidate requires grad for one forward/backward;
 a post-accumulate-grad hook adds the squared norm of each micro-batch's gradient to a per-block
@@ -91,6 +96,18 @@ class BlockSelector:
         return sorted(chosen)
 
 
+def owner_map(blocks: list[Block], world_size: int) -> dict[str, int]:
+    """Largest block first onto the least-loaded rank (ties: block name, then lowest rank).
+    Deterministic, so every rank computes the same map from the same selection."""
+    load = [0] * world_size
+    owners = {}
+    for b in sorted(blocks, key=lambda b: (-b.numel, b.name)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[b.name] = rank
+        load[rank] += b.numel
+    return owners
+
+
 def reselection_due(losses_since_selection: list[float], patience: int) -> bool:
     """BlockLLM's trigger: more than `patience` losses recorded since the last selection, and the
     mean of the last `patience` is above the mean of all of them (recent loss stopped improving)."""
@@ -99,6 +116,13 @@ def reselection_due(losses_since_selection: list[float], patience: int) -> bool:
     mean_all = sum(losses_since_selection) / len(losses_since_selection)
     mean_recent = sum(losses_since_selection[-patience:]) / patience
     return mean_all < mean_recent
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 class BlockOptimizer(torch.optim.Optimizer):
@@ -128,7 +152,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.max_grad_norm, self.debug_checks = max_grad_norm, debug_checks
         self.group = process_group
         self.selected: list[str] = []
-        self.block_state: dict[str, dict] = {}
+        self.owners: dict[str, int] = {}
+        self.block_state: dict[str, dict] = {}  # only for the blocks this rank owns
         self.losses_since_selection: list[float] = []
         self.selection_history: list[list[str]] = []
         self.last_selection_step = -1
@@ -150,6 +175,16 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def _world(self) -> int:
         return dist.get_world_size(self.group) if dist.is_initialized() else 1
+
+    def _rank(self) -> int:
+        return dist.get_rank(self.group) if dist.is_initialized() else 0
+
+    def _global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+
+    def owned(self) -> list[str]:
+        rank = self._rank()
+        return [n for n in self.selected if self.owners[n] == rank]
 
     # ------------------------------------------------------------------ selection
     def wants_selection(self, step: int) -> bool:
@@ -203,8 +238,10 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _apply_selection(self, names: list[str]) -> None:
         old, new = set(self.selected), set(names)
         self._churn = len(old ^ new)
+        old_owners = self.owners
+        self.owners = owner_map([self.block_by_name[n] for n in names], self._world())
         keep = old & new if self.keep_state_on_reselect else set()
-        self.block_state = {n: s for n, s in self.block_state.items() if n in keep}
+        self._move_state(sorted(keep), old_owners)
         self.selected = list(names)
         self.selection_history.append(list(names))
         self.last_selection_step = self._pending_step
@@ -215,6 +252,31 @@ class BlockOptimizer(torch.optim.Optimizer):
             p.grad = None
         if self.debug_checks:
             self.assert_same_selection_on_all_ranks()
+
+    def _move_state(self, kept: list[str], old_owners: dict[str, int]) -> None:
+        """Keep the state of blocks that stay selected; send it to the new owner where it moved,
+        drop everything else. Every rank walks the moves in the same order, so sends and
+        receives pair up without deadlock."""
+        rank = self._rank()
+        moved = {}
+        for name in kept:
+            src, dst = old_owners[name], self.owners[name]
+            if src == dst or rank not in (src, dst):
+                continue
+            if rank == src:
+                st = self.block_state[name]
+                dist.send(torch.stack([st["exp_avg"], st["exp_avg_sq"]]), self._global_rank(dst), group=self.group)
+                dist.send(torch.tensor([st["step"]], dtype=torch.float64), self._global_rank(dst), group=self.group)
+            else:
+                w = self._weight(self.block_by_name[name])
+                moments = torch.empty((2, *w.shape), dtype=w.dtype)
+                step = torch.empty(1, dtype=torch.float64)
+                dist.recv(moments, self._global_rank(src), group=self.group)
+                dist.recv(step, self._global_rank(src), group=self.group)
+                moved[name] = {"step": step.item(), "exp_avg": moments[0].clone(), "exp_avg_sq": moments[1].clone()}
+        self.block_state = {n: s for n, s in self.block_state.items()
+                            if n in kept and self.owners[n] == rank}
+        self.block_state.update(moved)
 
     def assert_same_selection_on_all_ranks(self) -> None:
         if self._world() == 1:
@@ -237,48 +299,73 @@ class BlockOptimizer(torch.optim.Optimizer):
         w = self.params[b.param].data
         return w if b.rows is None else w[b.rows[0]:b.rows[1]]  # a view: updates land in place
 
-    def _average_gradients(self, grads: list[torch.Tensor]) -> int:
-        """Average the selected blocks' gradients over ranks in flat buckets; returns bytes sent."""
-        world = self._world()
-        if world == 1 or not grads:
-            return 0
+    @staticmethod
+    def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         buckets, current, size = [], [], 0
-        for g in grads:
-            nbytes = g.numel() * g.element_size()
+        for t in tensors:
+            nbytes = t.numel() * t.element_size()
             if current and size + nbytes > BUCKET_BYTES:
                 buckets.append(current)
                 current, size = [], 0
-            current.append(g)
+            current.append(t)
             size += nbytes
-        buckets.append(current)
-        sent = 0
-        for bucket in buckets:
+        return buckets + ([current] if current else [])
+
+    def _reduce_to_owner(self, grads: list[torch.Tensor], owner: int) -> int:
+        """Sum gradients onto their owner, which divides by the world size; returns bytes sent."""
+        world, sent = self._world(), 0
+        for bucket in self._buckets(grads):
             flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat, group=self.group)
-            flat /= world
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-            sent += 2 * (world - 1) * flat.numel() * flat.element_size() // world  # ring all-reduce
+            dist.reduce(flat, self._global_rank(owner), group=self.group)
+            if self._rank() == owner:
+                flat /= world
+                _unflatten_into(flat, bucket)
+            sent += (world - 1) * flat.numel() * flat.element_size() // world
+        return sent
+
+    def _broadcast_from_owner(self, weights: list[torch.Tensor], owner: int) -> int:
+        world, sent = self._world(), 0
+        for bucket in self._buckets(weights):
+            flat = torch.cat([w.reshape(-1) for w in bucket])
+            dist.broadcast(flat, self._global_rank(owner), group=self.group)
+            if self._rank() != owner:
+                _unflatten_into(flat, bucket)
+            sent += (world - 1) * flat.numel() * flat.element_size() // world
         return sent
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Reduce each selected gradient to its owner, clip by the global norm, update on the
+        owner, broadcast the new values. Bytes are counted per rank as a bandwidth-optimal
+        reduce/broadcast sends them: (W-1)/W of each buffer."""
         loss = closure() if closure is not None else None
         group = self.param_groups[0]
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        world, rank = self._world(), self._rank()
         blocks = [self.block_by_name[n] for n in self.selected if self._grad(self.block_by_name[n]) is not None]
-        grads = [self._grad(b) for b in blocks]
-        self.wire_bytes_last_step = self._average_gradients(grads)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
+        by_owner = {r: [b for b in blocks if self.owners[b.name] == r] for r in range(world)}
+        sent = 0
+        if world > 1:
+            for owner, owned in by_owner.items():
+                sent += self._reduce_to_owner([self._grad(b) for b in owned], owner)
+        mine = by_owner[rank]
+        grads = [self._grad(b) for b in mine]
+        sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        sq = sq.reshape(1).double()
+        if world > 1:
+            dist.all_reduce(sq, group=self.group)  # the global norm over all selected blocks
+        norm = sq.sqrt().float()[0]
         self.last_grad_norm = float(norm)
-        if self.max_grad_norm > 0 and grads:
+        if self.max_grad_norm > 0:
             coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grad_norm_
             for g in grads:
                 g.mul_(coef)
-        for b, grad in zip(blocks, grads):
+        for b, grad in zip(mine, grads):
             self._adamw(b, grad, lr, beta1, beta2, eps, wd)
+        if world > 1:
+            for owner, owned in by_owner.items():
+                sent += self._broadcast_from_owner([self._weight(b) for b in owned], owner)
+        self.wire_bytes_last_step = sent
         return loss
 
     def _adamw(self, b: Block, grad, lr, beta1, beta2, eps, wd) -> None:
@@ -308,7 +395,15 @@ class BlockOptimizer(torch.optim.Optimizer):
         return {"selected_params": selected, "selected_fraction": selected / self.n_params,
                 "selected_blocks": len(self.selected), "selection_churn": self._churn,
                 "selection_time_s": self._selection_time, "optim_state_bytes": self.state_bytes(),
-                "wire_bytes": self.wire_bytes_last_step, "grad_norm": self.last_grad_norm}
+                "wire_bytes": self.wire_bytes_last_step, "grad_norm": self.last_grad_norm,
+                "owner_imbalance": self.owner_imbalance()}
+
+    def owner_imbalance(self) -> float:
+        """Largest per-rank owned parameter count over the mean (1.0 = perfectly balanced)."""
+        load = [0] * self._world()
+        for n in self.selected:
+            load[self.owners[n]] += self.block_by_name[n].numel
+        return max(load) / (sum(load) / len(load)) if sum(load) else 1.0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -316,6 +411,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         return {
             "blocks": {n: dict(s) for n, s in self.block_state.items()},
             "selected": list(self.selected),
+            "owners": dict(self.owners),  # at the saving world size; recomputed on load
             "visits": dict(self.selector.visits),
             "losses_since_selection": list(self.losses_since_selection),
             "selection_history": [list(h) for h in self.selection_history],
@@ -334,14 +430,19 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.last_selection_step = state["last_selection_step"]
         self.param_groups[0]["lr"] = state["lr"]
         self.selected = list(state["selected"])
-        self.block_state = {n: dict(s) for n, s in state["blocks"].items()}
+        self.owners = owner_map([self.block_by_name[n] for n in self.selected], self._world())
+        missing = [n for n in self.owned() if n not in state["blocks"]]
+        if missing:
+            raise ValueError(f"saved optimizer state lacks blocks this rank now owns: {missing[:3]}")
+        self.block_state = {n: dict(state["blocks"][n]) for n in self.owned()}
         trained = {self.block_by_name[n].param for n in self.selected}
         for name, p in self.params.items():
             p.requires_grad_(name in trained)
             p.grad = None
 
     def load_state_dict_shards(self, shards: list[dict]) -> None:
-        """Merge the per-rank saved states (each holds the blocks that rank kept) and load."""
+        """Merge the per-rank saved states (each holds the blocks its rank owned) and load the
+        ones this rank owns under the current world size (any world size can resume)."""
         merged = dict(shards[0])
         merged["blocks"] = {n: s for shard in shards for n, s in shard["blocks"].items()}
         self.load_state_dict(merged)

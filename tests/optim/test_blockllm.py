@@ -1,5 +1,6 @@
 """The block optimizer: exact AdamW at density 1, global selection over real gloo ranks,
 frozen blocks untouched, state size, BlockLLM's patience rule, name-keyed state round trip."""
+import hashlib
 import io
 
 import pytest
@@ -187,32 +188,79 @@ def train_block_at(opt, model, micro, step):
     return [loss.item()]
 
 
-def _ranked_run(world, steps):
+def _ranked_run(world, steps, keep_state=False):
     """Each rank trains on its slice of the same global batches (micro-batches k*W + r)."""
     rank = dist.get_rank()
     model = tiny_llama()
     opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=7,
-                         debug_checks=True)
+                         keep_state_on_reselect=keep_state, debug_checks=True)
     per_rank = [[step[k * world + rank] for k in range(len(step) // world)]
-                for step in global_batches(steps, 4)]
+                for step in global_batches(steps, 12)]
     losses = train_block(opt, model, per_rank)
-    return losses, opt.selection_history, opt.wire_bytes_last_step
+    selected_bytes = sum(opt.block_by_name[n].numel * 4 for n in opt.selected)
+    return {"losses": losses, "history": opt.selection_history, "wire": opt.wire_bytes_last_step,
+            "owned": sorted(opt.block_state), "state_bytes": opt.state_bytes(),
+            "selected_grad_bytes": selected_bytes,
+            "weights_sha": hashlib.sha256(b"".join(p.detach().numpy().tobytes()
+                                                   for p in model.parameters())).hexdigest()}
+
+
+def _one_rank(keep_state):
+    model = tiny_llama()
+    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=7,
+                         keep_state_on_reselect=keep_state)
+    losses = train_block(opt, model, global_batches(20, 12))
+    return {"losses": losses, "history": opt.selection_history, "state_bytes": opt.state_bytes(),
+            "owned": sorted(opt.block_state),
+            "largest_state": max(opt.block_by_name[n].numel for n in opt.selected) * 8}
 
 
 @pytest.fixture(scope="module")
 def one_rank_result():
-    model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=7)
-    losses = train_block(opt, model, global_batches(20, 4))
-    return losses, opt.selection_history
+    return _one_rank(keep_state=False)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_selection_and_losses_match_one_rank(ranks, one_rank_result, world):
     results = ranks(_ranked_run, world, world, 20)
-    ref_losses, ref_history = one_rank_result
-    assert len(ref_history) == 3  # steps 0, 7, 14: reselection is covered
-    for losses, history, wire in results:
-        assert history == ref_history  # same blocks, same order, every selection
-        assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= 1e-5
-        assert wire > 0
+    ref = one_rank_result
+    assert len(ref["history"]) == 3  # steps 0, 7, 14: reselection is covered
+    for r in results:
+        assert r["history"] == ref["history"]  # same blocks, same order, every selection
+        assert max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])) <= 1e-5
+    # the owners' broadcasts leave every rank with bit-identical weights
+    assert len({r["weights_sha"] for r in results}) == 1
+    # ZeRO for selected blocks: each block's state on exactly one rank, bytes add up, balanced
+    owned = [name for r in results for name in r["owned"]]
+    assert sorted(owned) == ref["owned"]
+    assert sum(r["state_bytes"] for r in results) == ref["state_bytes"]
+    assert max(r["state_bytes"] for r in results) <= ref["state_bytes"] / world + ref["largest_state"]
+    # wire bytes, by hand: reduce-to-owner plus broadcast-from-owner, (W-1)/W of each buffer
+    hand = 2 * (world - 1) * results[0]["selected_grad_bytes"] / world
+    assert all(abs(r["wire"] - hand) <= 8 * world for r in results)
+
+
+def test_kept_state_moves_to_its_new_owner(ranks):
+    """keep_state_on_reselect: a block that stays selected but changes owner keeps its moments."""
+    ref = _one_rank(keep_state=True)
+    results = ranks(_ranked_run, 3, 3, 20, True)
+    for r in results:
+        assert max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])) <= 1e-5
+    assert sum(r["state_bytes"] for r in results) == ref["state_bytes"]
+
+
+def _wire_ratio_llama20m():
+    from scaletrain.models.llama import build_model
+
+    world = dist.get_world_size()
+    model = build_model("llama_20m", 32000, seed=0)
+    opt = BlockOptimizer(model.named_parameters(), lr=1e-3, density=0.05)
+    batch = torch.randint(0, 32000, (1, 17), generator=torch.Generator().manual_seed(dist.get_rank()))
+    train_block(opt, model, [[batch]] * 2)
+    ddp_allreduce = 2 * (world - 1) / world * sum(p.numel() * 4 for p in model.parameters())
+    return opt.wire_bytes_last_step / ddp_allreduce
+
+
+def test_wire_bytes_at_two_ranks_are_a_small_fraction_of_ddp(ranks):
+    ratios = ranks(_wire_ratio_llama20m, 2)
+    assert all(0 < r <= 0.12 for r in ratios), ratios
