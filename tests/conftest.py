@@ -1,6 +1,6 @@
 import pytest
 
-from tests.multirank import run_ranks
+from scaletrain.dist.local_ranks import run_ranks
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.multirank import free_port
+from scaletrain.dist.local_ranks import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = str(REPO / "launch" / "pretrain.py")

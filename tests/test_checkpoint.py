@@ -13,7 +13,7 @@ import torch
 from scaletrain import checkpoint as ckpt
 from tests.launching import REPO, TINY, launch_cmd, read_metrics, run_pretrain, write_ds_config
 
-STEPS = 12
+STEPS = 8
 
 
 def last_loss_per_step(run_dir):
@@ -55,7 +55,7 @@ def test_sigkill_two_ranks_then_resume_is_bit_identical(tmp_path, optim):
               "--checkpoint.every_steps", "3"] + optim + TINY
     run_pretrain(["--run_dir", str(tmp_path / "whole")] + common, launcher="deepspeed", nproc=2)
     cut = tmp_path / "cut"
-    kill_when(["--run_dir", str(cut)] + common, "deepspeed", 2, rows_at_least(cut, 7))
+    kill_when(["--run_dir", str(cut)] + common, "deepspeed", 2, rows_at_least(cut, 5))
     assert (cut / "checkpoints" / "latest").exists()
     run_pretrain(["--run_dir", str(cut), "--resume", "auto"] + common, launcher="deepspeed", nproc=2)
     assert last_loss_per_step(cut) == last_loss_per_step(tmp_path / "whole")  # exact equality
@@ -133,35 +133,35 @@ def test_two_ranks_saved_one_rank_resumes(tmp_path):
     """Same global batch: 2 ranks x micro 2 == 1 rank x micro 2 x accumulation 2."""
     ds2 = write_ds_config(tmp_path / "ds2.json", micro=2, accum=1)
     ds1 = write_ds_config(tmp_path / "ds1.json", micro=2, accum=2)
-    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "6"] + TINY
+    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + TINY
     run_pretrain(["--run_dir", str(tmp_path / "whole"), "--deepspeed_config", str(ds2)] + common,
                  launcher="deepspeed", nproc=2)
     # move the run to one rank from its step-6 checkpoint; the 2-rank steps 7..12 get rewritten
     run = tmp_path / "moved"
     shutil.copytree(tmp_path / "whole", run)
-    shutil.rmtree(run / "checkpoints" / "step_00000012")
-    (run / "checkpoints" / "latest").write_text("step_00000006\n")
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common)
     got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
-    np.testing.assert_allclose([got[s] for s in range(7, STEPS + 1)],
-                               [want[s] for s in range(7, STEPS + 1)], rtol=0, atol=1e-5)
+    np.testing.assert_allclose([got[s] for s in range(5, STEPS + 1)],
+                               [want[s] for s in range(5, STEPS + 1)], rtol=0, atol=1e-5)
 
 
 def test_fsdp2_checkpoint_resumes_under_deepspeed_on_one_rank(tmp_path):
     ds2 = write_ds_config(tmp_path / "ds2.json", micro=2, accum=1)
     ds1 = write_ds_config(tmp_path / "ds1.json", micro=2, accum=2)
-    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "6"] + TINY
+    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + TINY
     run_pretrain(["--run_dir", str(tmp_path / "whole"), "--backend", "fsdp", "--deepspeed_config",
                   str(ds2)] + common, launcher="torchrun", nproc=2)
     run = tmp_path / "moved"
     shutil.copytree(tmp_path / "whole", run)
-    shutil.rmtree(run / "checkpoints" / "step_00000012")
-    (run / "checkpoints" / "latest").write_text("step_00000006\n")
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common,
                  launcher="deepspeed", nproc=1)
     got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
-    np.testing.assert_allclose([got[s] for s in range(7, STEPS + 1)],
-                               [want[s] for s in range(7, STEPS + 1)], rtol=0, atol=1e-5)
+    np.testing.assert_allclose([got[s] for s in range(5, STEPS + 1)],
+                               [want[s] for s in range(5, STEPS + 1)], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("new_world", [1, 3])
@@ -170,18 +170,18 @@ def test_block_state_saved_at_two_ranks_resumes_at_other_world_sizes(tmp_path, n
     global_micro = 6  # divisible by 1, 2 and 3 ranks at micro-batch 1
     ds2 = write_ds_config(tmp_path / "ds2.json", micro=1, accum=global_micro // 2)
     dsn = write_ds_config(tmp_path / "dsn.json", micro=1, accum=global_micro // new_world)
-    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "6"] + BLOCK + TINY
+    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + BLOCK + TINY
     run_pretrain(["--run_dir", str(tmp_path / "whole"), "--deepspeed_config", str(ds2)] + common,
                  launcher="deepspeed", nproc=2)
-    saved = torch.load(tmp_path / "whole" / "checkpoints" / "step_00000006" / "optim_rank00001.pt",
+    saved = torch.load(tmp_path / "whole" / "checkpoints" / "step_00000004" / "optim_rank00001.pt",
                        weights_only=True)["state"]
     assert saved["blocks"] and set(saved["blocks"]) < set(saved["selected"])  # rank 1 kept its own only
     run = tmp_path / "moved"
     shutil.copytree(tmp_path / "whole", run)
-    shutil.rmtree(run / "checkpoints" / "step_00000012")
-    (run / "checkpoints" / "latest").write_text("step_00000006\n")
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(dsn), "--resume", "auto"] + common,
                  launcher="deepspeed", nproc=new_world)
     got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
-    np.testing.assert_allclose([got[s] for s in range(7, STEPS + 1)],
-                               [want[s] for s in range(7, STEPS + 1)], rtol=0, atol=1e-5)
+    np.testing.assert_allclose([got[s] for s in range(5, STEPS + 1)],
+                               [want[s] for s in range(5, STEPS + 1)], rtol=0, atol=1e-5)

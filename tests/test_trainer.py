@@ -22,15 +22,15 @@ def one_rank_reference(tmp_path_factory):
 def test_deepspeed_launcher_end_to_end(tmp_path):
     ds = write_ds_config(tmp_path / "ds.json", micro=4, accum=1)
     run_dir = tmp_path / "run"
-    run_pretrain(["--run_dir", str(run_dir), "--deepspeed_config", str(ds), "--train.steps", "40",
-                  "--train.eval_every", "20"] + TINY, launcher="deepspeed", nproc=1)
+    run_pretrain(["--run_dir", str(run_dir), "--deepspeed_config", str(ds), "--train.steps", "30",
+                  "--train.eval_every", "15"] + TINY, launcher="deepspeed", nproc=1)
     rows = read_metrics(run_dir)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "config.yaml").exists() and (run_dir / "ds_config.json").exists()
     first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
     assert last < first - 0.5, (first, last)
     evals = [r for r in rows if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [20, 40]
+    assert [r["step"] for r in evals] == [15, 30]
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert math.isclose(evals[1]["eval_ppl"], math.exp(evals[1]["eval_loss"]), rel_tol=1e-9)
     contract = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",

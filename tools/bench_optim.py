@@ -1,11 +1,16 @@
-"""Optimizer benchmark: state bytes, step time and memory per mode on the same model and data.
+"""Optimizer benchmark: state bytes, step time, wire bytes and memory per mode, same model and data.
 
     python tools/bench_optim.py --preset llama_60m --modes adamw,block --steps 20 --json out.json
+    python tools/bench_optim.py --preset llama_60m --modes adamw,zero1,zero2,block --nproc 2
 
-Each mode runs in a fresh process (so peak RSS is that mode's own), one after another, on the same
-data and initial weights. Times are medians after warm-up, reported as ratios to AdamW from the same
+Each mode runs on `--nproc` fresh gloo ranks (so peak RSS is that mode's own), one mode after
+another, on the same global batch and initial weights. adamw/zero1/zero2 are torch AdamW inside
+DeepSpeed at ZeRO stage 0/1/2 (plain PyTorch at one rank for adamw); block is the block optimizer
+(owner-sharded state). Times are medians after warm-up, as ratios to adamw from the same
 invocation; steps that ran a selection pass are timed apart. Optimizer-state bytes are exact
-(summed over the state tensors).
+(summed over state tensors), per rank. wire_bytes_ratio compares the optimizer's counted bytes per
+step with a DDP all-reduce of all gradients (2 (W-1)/W x 4 bytes x parameters per rank); DeepSpeed's
+own collectives are not counted (None).
 """
 from __future__ import annotations
 
@@ -17,39 +22,50 @@ import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scaletrain.config import OptimConfig  # noqa: E402
 from scaletrain.data import TrainWindowLoader, c4_source, load_tokenizer  # noqa: E402
-from scaletrain.dist.engines import SingleEngine  # noqa: E402
-from scaletrain.dist.runtime import DistContext  # noqa: E402
+from scaletrain.dist.engines import DeepSpeedEngine, SingleEngine  # noqa: E402
+from scaletrain.dist.local_ranks import run_ranks  # noqa: E402
+from scaletrain.dist.runtime import DistContext, all_reduce_max, all_reduce_sum  # noqa: E402
 from scaletrain.metrics import peak_memory_bytes  # noqa: E402
 from scaletrain.models.llama import build_model, count_params  # noqa: E402
 from scaletrain.optim import build_optimizer  # noqa: E402
 from scaletrain.optim.schedule import build_scheduler  # noqa: E402
 from scaletrain.trainer import optimizer_state_bytes, selection_pass  # noqa: E402
 
-MODES = {
-    "adamw": {"name": "adamw"},
-    "block": {"name": "block"},
+MODES = {  # optimizer config and the ZeRO stage DeepSpeed runs it at
+    "adamw": ({"name": "adamw"}, 0),
+    "zero1": ({"name": "adamw"}, 1),
+    "zero2": ({"name": "adamw"}, 2),
+    "block": ({"name": "block"}, 0),
 }
 
 
 def run_mode(mode: str, args) -> dict:
-    torch.set_num_threads(args.threads)
-    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    """One mode on this rank (a process of `run_ranks`); returns this rank's figures."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(max(1, args.threads // world))
+    ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
     tok = load_tokenizer(args.tokenizer)
     model = build_model(args.preset, tok.vocab_size, seed=0)
-    cfg = OptimConfig(lr=args.lr, density=args.density, **MODES[mode])
+    optim_cfg, stage = MODES[mode]
+    cfg = OptimConfig(lr=args.lr, density=args.density, **optim_cfg)
     optimizer, syncs = build_optimizer(cfg, model, max_grad_norm=1.0)
     scheduler = build_scheduler(optimizer, args.steps, 0, 1.0)
-    engine = SingleEngine(model, optimizer, scheduler, {"gradient_clipping": 1.0}, ctx, syncs)
-    loader = TrainWindowLoader(c4_source("local", None), tok, args.seq_len, args.micro, 1, 0, 1)
+    ds = {"train_micro_batch_size_per_gpu": args.micro // world, "gradient_accumulation_steps": 1,
+          "gradient_clipping": 1.0, "bf16": {"enabled": False}, "zero_optimization": {"stage": stage},
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    use_ds = world > 1 or stage > 0
+    engine = (DeepSpeedEngine if use_ds else SingleEngine)(model, optimizer, scheduler, ds, ctx, syncs)
+    loader = TrainWindowLoader(c4_source("local", None), tok, args.seq_len, args.micro // world, 1, rank, world)
     steady, selection, losses = [], [], []
     for step in range(args.steps):
         batches = loader.next_step()
+        dist.barrier()
         t0 = time.perf_counter()
         selecting = hasattr(optimizer, "wants_selection") and optimizer.wants_selection(step)
         if selecting:
@@ -59,21 +75,21 @@ def run_mode(mode: str, args) -> dict:
             optimizer.record_loss(losses[-1])
         (selection if selecting else steady).append(time.perf_counter() - t0)
     n_params = count_params(model)
-    state = optimizer_state_bytes(optimizer)
+    state = optimizer_state_bytes(engine.optimizer if stage else optimizer)
+    wire = optimizer.stats()["wire_bytes"] if hasattr(optimizer, "stats") else None
+    ddp_bytes = 2 * (world - 1) / world * 4 * n_params
     return {
         "n_params": n_params,
-        "state_bytes": state,
-        "state_bytes_per_param": state / n_params,
-        "state_bytes_per_rank_max": state,
+        "state_bytes_per_rank_max": all_reduce_max(state, ctx),
+        "state_bytes_total": all_reduce_sum([state], ctx)[0],
+        "state_bytes_per_param": all_reduce_sum([state], ctx)[0] / n_params,
         "step_time_s": statistics.median(steady[args.warmup:] or steady),
         "selection_step_time_s": statistics.median(selection) if selection else None,
-        "peak_mem_bytes": peak_memory_bytes(ctx.device),
+        "wire_bytes": None if wire is None else all_reduce_max(wire, ctx),
+        "wire_bytes_ratio": None if wire is None or world == 1 else all_reduce_max(wire, ctx) / ddp_bytes,
+        "peak_mem_bytes": all_reduce_max(peak_memory_bytes(ctx.device), ctx),
         "final_loss": sum(losses[-5:]) / len(losses[-5:]),
     }
-
-
-def _child(mode, args, queue):
-    queue.put(run_mode(mode, args))
 
 
 def main(argv=None) -> dict:
@@ -82,7 +98,8 @@ def main(argv=None) -> dict:
     p.add_argument("--modes", default="adamw,block")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--micro", type=int, default=4, help="global micro-batch, split over --nproc ranks")
+    p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--density", type=float, default=0.05)
@@ -94,26 +111,23 @@ def main(argv=None) -> dict:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         p.error(f"unknown mode(s) {unknown}; choose from {sorted(MODES)}")
-    results = {}
-    ctx = mp.get_context("spawn")
-    for mode in modes:  # one fresh process per mode: peak RSS is that mode's own
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(mode, args, queue))
-        proc.start()
-        results[mode] = queue.get()
-        proc.join()
+    if args.micro % args.nproc:
+        p.error("--micro (the global micro-batch) must be divisible by --nproc")
+    results = {mode: run_ranks(run_mode, args.nproc, mode, args)[0] for mode in modes}
     base = results.get("adamw")
     for r in results.values():
         r["step_time_ratio"] = r["step_time_s"] / base["step_time_s"] if base else None
-    print(f"{args.preset}, micro-batch {args.micro} x {args.seq_len}, fp32, {args.steps} steps, "
-          f"{args.threads} threads")
-    print(f"{'mode':<10}{'state B/param':>15}{'step s':>10}{'ratio':>8}{'select s':>10}"
-          f"{'peak RSS MiB':>14}{'loss':>9}")
+    print(f"{args.preset}, global micro-batch {args.micro} x {args.seq_len}, fp32, {args.nproc} rank(s), "
+          f"{args.steps} steps, {args.threads} threads")
+    print(f"{'mode':<8}{'state B/param':>14}{'max/rank MiB':>13}{'step s':>8}{'ratio':>7}{'select s':>9}"
+          f"{'wire/DDP':>9}{'peak RSS MiB':>13}{'loss':>8}")
     for mode, r in results.items():
         sel = f"{r['selection_step_time_s']:.3f}" if r["selection_step_time_s"] else "-"
         ratio = f"{r['step_time_ratio']:.3f}" if r["step_time_ratio"] else "-"
-        print(f"{mode:<10}{r['state_bytes_per_param']:>15.4f}{r['step_time_s']:>10.3f}{ratio:>8}"
-              f"{sel:>10}{r['peak_mem_bytes'] / 2**20:>14.0f}{r['final_loss']:>9.4f}")
+        wire = f"{r['wire_bytes_ratio']:.4f}" if r["wire_bytes_ratio"] is not None else "-"
+        print(f"{mode:<8}{r['state_bytes_per_param']:>14.4f}{r['state_bytes_per_rank_max'] / 2**20:>13.1f}"
+              f"{r['step_time_s']:>8.3f}{ratio:>7}{sel:>9}{wire:>9}{r['peak_mem_bytes'] / 2**20:>13.0f}"
+              f"{r['final_loss']:>8.4f}")
     out = {"args": vars(args), "modes": results}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

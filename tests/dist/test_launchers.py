@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.launching import PRETRAIN, REPO, TINY, losses, run_pretrain, write_ds_config
-from tests.multirank import free_port
+from scaletrain.dist.local_ranks import free_port
 
 STEPS = 6
 

@@ -1,7 +1,9 @@
 """Start N real processes that talk over gloo on loopback, run a function on each, collect results.
 
-Used by the `ranks` fixture in conftest.py. Functions passed here must be importable by
-module path (defined at module level in a test module), because ranks start with `spawn`.
+Used by the tests' `ranks` fixture and by the benchmarks in tools/. Functions passed here must
+be importable by module path (defined at module level), because ranks start with `spawn`.
+Results travel through a queue: return plain Python values, not tensors (a tensor's shared
+memory disappears with the process that made it).
 """
 from __future__ import annotations
 
