@@ -23,6 +23,10 @@ MODES: dict[str, list[str]] = {
     "adamw": ["--optim.name", "adamw"],
     "block": ["--optim.name", "block"],  # embedding and head frozen, as BlockLLM
     "block_embed": ["--optim.name", "block", "--optim.frozen_patterns", "[]"],  # they compete too
+    # reselect every 50 steps (BlockLLM checks its patience rule only every 1000)
+    "block_resel50": ["--optim.name", "block", "--optim.reselect_every", "50"],
+    "block_embed_resel50": ["--optim.name", "block", "--optim.frozen_patterns", "[]",
+                            "--optim.reselect_every", "50"],
 }
 
 
