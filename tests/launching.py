@@ -55,3 +55,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> list[float]:
     return [row["loss"] for row in read_metrics(run_dir)]
+
+
+def one_rank_reference(tmp: Path, steps: int, extra: list[str] = ()) -> Path:
+    """The 1-rank run (micro 2 x accumulation 2) that 2 ranks x micro 2 must reproduce."""
+    ds = write_ds_config(tmp / "ds_ref.json", micro=2, accum=2)
+    run_dir = tmp / "reference"
+    run_pretrain(["--run_dir", str(run_dir), "--deepspeed_config", str(ds), "--train.steps", str(steps)]
+                 + TINY + list(extra))
+    return run_dir

@@ -5,18 +5,14 @@ import numpy as np
 import pytest
 
 from tests.launching import TINY, losses, read_metrics, run_pretrain, write_ds_config
+from tests.launching import one_rank_reference as one_rank_reference_run
 
 STEPS = 20
 
 
 @pytest.fixture(scope="module")
 def one_rank_reference(tmp_path_factory):
-    """1 rank, micro 2 x accumulation 2: the global batch that 2 ranks x micro 2 also see."""
-    tmp = tmp_path_factory.mktemp("ref")
-    ds = write_ds_config(tmp / "ds.json", micro=2, accum=2)
-    run_pretrain(["--run_dir", str(tmp / "run"), "--deepspeed_config", str(ds),
-                  "--train.steps", str(STEPS)] + TINY)
-    return losses(tmp / "run")
+    return losses(one_rank_reference_run(tmp_path_factory.mktemp("ref"), STEPS))
 
 
 def test_deepspeed_launcher_end_to_end(tmp_path):
@@ -63,11 +59,7 @@ BLOCK = ["--optim.name", "block", "--optim.density", "0.2", "--optim.reselect_ev
 
 @pytest.fixture(scope="module")
 def block_reference_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("block_ref")
-    ds = write_ds_config(tmp / "ds.json", micro=2, accum=2)
-    run_pretrain(["--run_dir", str(tmp / "run"), "--deepspeed_config", str(ds),
-                  "--train.steps", str(STEPS)] + TINY + BLOCK)
-    return tmp / "run"
+    return one_rank_reference_run(tmp_path_factory.mktemp("block_ref"), STEPS, BLOCK)
 
 
 @pytest.fixture(scope="module")
