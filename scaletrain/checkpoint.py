@@ -114,23 +114,24 @@ def _rank_files(rank: int) -> tuple[str, str]:
     return f"optim_rank{rank:05d}.pt", f"rng_rank{rank:05d}.pt"
 
 
-def _gather_to_main(obj: Any, rank: int, world: int) -> list[Any] | None:
+def _gather_to_main(obj: Any, rank: int, world: int, group=None) -> list[Any] | None:
     if world == 1:
         return [obj]
     out = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0 if group is None else dist.get_global_rank(group, 0), group=group)
     return out
 
 
-def _barrier(world: int) -> None:
+def _barrier(world: int, group=None) -> None:
     if world > 1:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def save_checkpoint(root: Path, step: int, *, rank: int, world_size: int, model_state: dict,
                     optim_shard: dict, trainer_state: dict, config_text: str, ds_config: dict,
-                    keep_latest: int, engine_writer=None) -> Path:
-    """Collective: every rank calls it. Returns the committed directory."""
+                    keep_latest: int, engine_writer=None, rng: dict | None = None, group=None) -> Path:
+    """Collective over `group` (default: all ranks): every rank calls it. Returns the committed
+    directory. `rng` is the RNG state to store (default: the current one)."""
     t0 = time.perf_counter()
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
@@ -138,12 +139,12 @@ def save_checkpoint(root: Path, step: int, *, rank: int, world_size: int, model_
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
         tmp.mkdir()
-    _barrier(world_size)
+    _barrier(world_size, group)
 
     written = []
     optim_file, rng_file = _rank_files(rank)
     _torch_save(optim_shard, tmp / optim_file)
-    _torch_save(rng_state(), tmp / rng_file)
+    _torch_save(rng if rng is not None else rng_state(), tmp / rng_file)
     written += [optim_file, rng_file]
     if rank == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()},
@@ -154,12 +155,12 @@ def save_checkpoint(root: Path, step: int, *, rank: int, world_size: int, model_
         written += ["model.safetensors", "trainer.pt", "config.yaml", "ds_config.json"]
     if engine_writer is not None:  # e.g. DeepSpeed's own ZeRO shards, a collective write
         engine_writer(tmp)
-        _barrier(world_size)
+        _barrier(world_size, group)
         if rank == 0:
             written += [str(f.relative_to(tmp)) for f in sorted((tmp / "deepspeed").rglob("*"))
                         if f.is_file()]
     sums = {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in written}
-    gathered = _gather_to_main(sums, rank, world_size)
+    gathered = _gather_to_main(sums, rank, world_size, group)
 
     if rank == 0:
         files = {k: v for part in gathered for k, v in part.items()}
@@ -183,8 +184,60 @@ def save_checkpoint(root: Path, step: int, *, rank: int, world_size: int, model_
         _prune(root, keep_latest)
         size = sum(v["bytes"] for v in files.values())
         log.info("checkpoint %s: %.1f MiB in %.2fs", final, size / 2**20, time.perf_counter() - t0)
-    _barrier(world_size)
+    _barrier(world_size, group)
     return final
+
+
+def _snapshot(obj: Any) -> Any:
+    """A deep copy whose tensors are private CPU copies: training may change the originals."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
+class AsyncCheckpointer:
+    """`checkpoint.async_save`: copy the state on the training thread (the only stall), then
+    write and commit it on a background thread while training goes on. The commit's collectives
+    run on a process group of their own, so they never interleave with training's. One save at
+    a time: the next one (and the end of training) first waits for the previous."""
+
+    def __init__(self, world_size: int):
+        import threading
+
+        self._threading = threading
+        self.thread = None
+        self.error: BaseException | None = None
+        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+
+    def save(self, root: Path, step: int, **kwargs) -> None:
+        self.wait()
+        t0 = time.perf_counter()
+        for key in ("model_state", "optim_shard", "trainer_state"):
+            kwargs[key] = _snapshot(kwargs[key])
+        kwargs["rng"] = rng_state()
+        log.info("checkpoint step %d: state copied in %.2fs, writing in the background",
+                 step, time.perf_counter() - t0)
+
+        def run():
+            try:
+                save_checkpoint(root, step, group=self.group, **kwargs)
+            except BaseException as e:  # reported by the next wait(), never lost
+                self.error = e
+
+        self.thread = self._threading.Thread(target=run, name=f"checkpoint-{step}", daemon=False)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise CheckpointError(f"background checkpoint save failed: {error}") from error
 
 
 def _prune(root: Path, keep: int) -> None:

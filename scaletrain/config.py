@@ -97,6 +97,8 @@ class OptimConfig:
 class CheckpointConfig:
     every_steps: int = doc(1000, "Save a checkpoint every N steps (and always at the end); 0: only at the end.")
     keep_latest: int = doc(3, "Complete checkpoints kept (the oldest are deleted); at least 2.")
+    async_save: bool = doc(False, "Write checkpoints on a background thread after copying the state "
+                           "(training stalls only for the copy).")
 
 
 @dataclass

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -132,6 +134,7 @@ def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
         if cfg.resume == "auto":
             log.info("--resume auto: no checkpoint under %s, starting afresh", run_dir)
         return 0
+    t0 = time.perf_counter()
     state = ckpt.load_trainer_state(path)
     ckpt.restore_model(engine.module, ckpt.load_model_state(path))
     if engine.owns_optimizer_checkpoint:
@@ -148,12 +151,14 @@ def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
         group["lr"] = lr  # a loaded scheduler only applies its LR at its next step()
     loader.load_state_dict(state["loader"])
     ckpt.load_rng_state(path, ctx.rank)
-    log.info("resumed from %s at step %d", path, state["step"])
+    log.info("resumed from %s at step %d (loaded in %.2fs)", path, state["step"], time.perf_counter() - t0)
     return state["step"]
 
 
-def save(cfg, run_dir, step, ctx, engine, optimizer, scheduler, loader, ds_config) -> None:
-    ckpt.save_checkpoint(
+def save(cfg, run_dir, step, ctx, engine, optimizer, scheduler, loader, ds_config, saver) -> None:
+    """Checkpoint now (saver is None) or hand a copy to the background saver."""
+    write = saver.save if saver is not None else ckpt.save_checkpoint
+    write(
         run_dir / "checkpoints", step, rank=ctx.rank, world_size=ctx.world_size,
         model_state=ckpt.model_state(engine.module, ctx.rank),
         optim_shard=({"kind": "deepspeed"} if engine.owns_optimizer_checkpoint
@@ -169,6 +174,8 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
     backend = resolve_backend(cfg.backend)
     ds_config = resolve_precision(load_ds_config(cfg.deepspeed_config))
     ctx = init_distributed(backend)
+    random.seed(cfg.seed + ctx.rank)  # python/numpy RNGs are per rank; torch's seeds the model (same everywhere)
+    np.random.seed(cfg.seed + ctx.rank)
     run_dir = _agree_on_run_dir(cfg, run_dir, ctx)
     _setup_logging(run_dir, ctx)
     if ctx.is_main:
@@ -202,6 +209,9 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
              tokens_per_step, "bf16" if ds_config["bf16"].get("enabled") else "fp32")
 
     start = resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader)
+    # DeepSpeed's own ZeRO checkpoint writes synchronously, so async applies to our format only
+    saver = (ckpt.AsyncCheckpointer(ctx.world_size)
+             if cfg.checkpoint.async_save and not engine.owns_optimizer_checkpoint else None)
     metrics = MetricsWriter(run_dir, ctx.is_main)
     bar = ProgressBar(cfg.train.steps, start, ctx.is_main)
     step_times: list[float] = []
@@ -230,13 +240,15 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
         if len(row) > 1:
             metrics.log(done, row)
         if (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or done == cfg.train.steps:
-            save(cfg, run_dir, done, ctx, engine, optimizer, scheduler, loader, ds_config)
+            save(cfg, run_dir, done, ctx, engine, optimizer, scheduler, loader, ds_config, saver)
         n_sel = len(optimizer.selection_history) if is_block else 0
         if n_sel and (done == cfg.train.steps or (n_sel > heatmap_at and n_sel % HEATMAP_EVERY_SELECTIONS == 0)):
             heatmap_at = n_sel
             metrics.figure("selection_heatmap",
                            selection_heatmap(optimizer.layer_names, optimizer.selection_history), done)
     bar.close()
+    if saver is not None:
+        saver.wait()  # the last checkpoint is committed before we report done
     if ctx.is_main:
         log.info("done: loss %.4f, eval_loss %.4f (ppl %.2f) -> %s", row.get("loss", float("nan")),
                  row.get("eval_loss", float("nan")), row.get("eval_ppl", float("nan")), run_dir)

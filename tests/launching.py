@@ -64,3 +64,20 @@ def one_rank_reference(tmp: Path, steps: int, extra: list[str] = ()) -> Path:
     run_pretrain(["--run_dir", str(run_dir), "--deepspeed_config", str(ds), "--train.steps", str(steps)]
                  + TINY + list(extra))
     return run_dir
+
+
+def run_two_nodes(args: list[str], tmp: Path, timeout: float = 300) -> list[str]:
+    """Two 'nodes' on this machine (localhost and 127.0.0.1 in a hostfile), one deepspeed
+    launcher per node, no ssh. Returns each node's output; raises if either fails."""
+    hosts = tmp / "hostfile"
+    hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = str(free_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile",
+                               str(hosts), "--no_ssh", "--node_rank", str(n), "--master_addr",
+                               "127.0.0.1", "--master_port", port, PRETRAIN] + args,
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (0, 1)]
+    outputs = [p.communicate(timeout=timeout)[0] for p in nodes]
+    if [p.returncode for p in nodes] != [0, 0]:
+        raise AssertionError("two-node run failed:\n" + outputs[0][-3000:] + outputs[1][-3000:])
+    return outputs

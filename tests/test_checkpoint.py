@@ -1,4 +1,5 @@
 """Checkpoints: SIGKILL and resume bit-identically, crash mid-save, corruption, world-size change."""
+import json
 import logging
 import os
 import shutil
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from scaletrain import checkpoint as ckpt
-from tests.launching import REPO, TINY, launch_cmd, read_metrics, run_pretrain, write_ds_config
+from tests.launching import (REPO, TINY, launch_cmd, read_metrics, run_pretrain, run_two_nodes,
+                             write_ds_config)
 
 STEPS = 8
 
@@ -182,6 +184,37 @@ def test_block_state_saved_at_two_ranks_resumes_at_other_world_sizes(tmp_path, n
     (run / "checkpoints" / "latest").write_text("step_00000004\n")
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(dsn), "--resume", "auto"] + common,
                  launcher="deepspeed", nproc=new_world)
+    got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
+    np.testing.assert_allclose([got[s] for s in range(5, STEPS + 1)],
+                               [want[s] for s in range(5, STEPS + 1)], rtol=0, atol=1e-5)
+
+
+def test_async_save_writes_byte_identical_checkpoints(tmp_path):
+    """checkpoint.async_save: the background writer commits exactly what a blocking save does."""
+    ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1)
+    common = ["--deepspeed_config", str(ds), "--train.steps", "6", "--checkpoint.every_steps", "2",
+              "--checkpoint.keep_latest", "3"] + BLOCK + TINY
+    for mode in ("false", "true"):
+        run_pretrain(["--run_dir", str(tmp_path / mode), "--checkpoint.async_save", mode] + common,
+                     launcher="deepspeed", nproc=2)
+    for step in ("step_00000002", "step_00000004", "step_00000006"):
+        sync, background = (json.loads((tmp_path / m / "checkpoints" / step / "manifest.json").read_text())
+                            for m in ("false", "true"))
+        del sync["files"]["config.yaml"], background["files"]["config.yaml"]  # differ by the flag
+        assert background["files"] == sync["files"], step  # same files, same sha256 (RNG too)
+
+
+def test_two_node_checkpoint_resumes_on_one_node(tmp_path):
+    ds2 = write_ds_config(tmp_path / "ds2.json", micro=2, accum=1)
+    ds1 = write_ds_config(tmp_path / "ds1.json", micro=2, accum=2)
+    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + BLOCK + TINY
+    run_two_nodes(["--run_dir", str(tmp_path / "whole"), "--deepspeed_config", str(ds2)] + common, tmp_path)
+    run = tmp_path / "moved"
+    shutil.copytree(tmp_path / "whole", run)
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common,
+                 launcher="deepspeed", nproc=1)
     got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
     np.testing.assert_allclose([got[s] for s in range(5, STEPS + 1)],
                                [want[s] for s in range(5, STEPS + 1)], rtol=0, atol=1e-5)

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from scaletrain.dist.local_ranks import free_port
-from tests.launching import PRETRAIN, REPO, TINY, losses, one_rank_reference, write_ds_config
+from tests.launching import (PRETRAIN, REPO, TINY, losses, one_rank_reference, run_two_nodes,
+                             write_ds_config)
 
 STEPS = 6
 OPTIMIZERS = {"adamw": [], "block": ["--optim.name", "block", "--optim.density", "0.2",
@@ -24,20 +24,10 @@ def optim(request, tmp_path_factory):
 
 def test_two_node_launch_matches_one_rank(tmp_path, optim):
     """Two 'nodes' (localhost and 127.0.0.1), one deepspeed launcher each, no ssh."""
-    hosts = tmp_path / "hostfile"
-    hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1)
-    port = str(free_port())
     extra, reference = optim
-    args = ["--run_dir", str(tmp_path / "run"), "--deepspeed_config", str(ds), "--train.steps",
-            str(STEPS)] + TINY + extra
-    nodes = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile",
-                               str(hosts), "--no_ssh", "--node_rank", str(n), "--master_addr",
-                               "127.0.0.1", "--master_port", port, PRETRAIN] + args,
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for n in (0, 1)]
-    outputs = [p.communicate(timeout=300)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1)
+    outputs = run_two_nodes(["--run_dir", str(tmp_path / "run"), "--deepspeed_config", str(ds),
+                             "--train.steps", str(STEPS)] + TINY + extra, tmp_path)
     assert "world 2" in outputs[0]
     np.testing.assert_allclose(losses(tmp_path / "run"), reference, rtol=0, atol=1e-5)
 
