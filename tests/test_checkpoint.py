@@ -166,25 +166,34 @@ def test_fsdp2_checkpoint_resumes_under_deepspeed_on_one_rank(tmp_path):
                                [want[s] for s in range(5, STEPS + 1)], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("new_world", [1, 3])
-def test_block_state_saved_at_two_ranks_resumes_at_other_world_sizes(tmp_path, new_world):
-    """The owner map is recomputed; each rank loads the blocks it now owns; losses continue."""
-    global_micro = 6  # divisible by 1, 2 and 3 ranks at micro-batch 1
-    ds2 = write_ds_config(tmp_path / "ds2.json", micro=1, accum=global_micro // 2)
-    dsn = write_ds_config(tmp_path / "dsn.json", micro=1, accum=global_micro // new_world)
-    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + BLOCK + TINY
-    run_pretrain(["--run_dir", str(tmp_path / "whole"), "--deepspeed_config", str(ds2)] + common,
+GLOBAL_MICRO = 12  # divisible by 1, 2, 3 and 4 ranks at micro-batch 1
+BLOCK_RESUME = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + BLOCK + TINY
+
+
+@pytest.fixture(scope="module")
+def block_two_rank_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("block2")
+    ds2 = write_ds_config(tmp / "ds2.json", micro=1, accum=GLOBAL_MICRO // 2)
+    run_pretrain(["--run_dir", str(tmp / "whole"), "--deepspeed_config", str(ds2)] + BLOCK_RESUME,
                  launcher="deepspeed", nproc=2)
-    saved = torch.load(tmp_path / "whole" / "checkpoints" / "step_00000004" / "optim_rank00001.pt",
+    return tmp / "whole"
+
+
+@pytest.mark.parametrize("new_world", [1, 3, 4])
+def test_block_state_saved_at_two_ranks_resumes_at_other_world_sizes(tmp_path, block_two_rank_run,
+                                                                      new_world):
+    """The owner map is recomputed; each rank loads the blocks it now owns; losses continue."""
+    saved = torch.load(block_two_rank_run / "checkpoints" / "step_00000004" / "optim_rank00001.pt",
                        weights_only=True)["state"]
     assert saved["blocks"] and set(saved["blocks"]) < set(saved["selected"])  # rank 1 kept its own only
     run = tmp_path / "moved"
-    shutil.copytree(tmp_path / "whole", run)
+    shutil.copytree(block_two_rank_run, run)
     shutil.rmtree(run / "checkpoints" / "step_00000008")
     (run / "checkpoints" / "latest").write_text("step_00000004\n")
-    run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(dsn), "--resume", "auto"] + common,
+    dsn = write_ds_config(tmp_path / "dsn.json", micro=1, accum=GLOBAL_MICRO // new_world)
+    run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(dsn), "--resume", "auto"] + BLOCK_RESUME,
                  launcher="deepspeed", nproc=new_world)
-    got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
+    got, want = last_loss_per_step(run), last_loss_per_step(block_two_rank_run)
     np.testing.assert_allclose([got[s] for s in range(5, STEPS + 1)],
                                [want[s] for s in range(5, STEPS + 1)], rtol=0, atol=1e-5)
 
