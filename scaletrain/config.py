@@ -72,7 +72,8 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     name: str = doc("adamw", "Optimizer, by name from the registry scaletrain.optim.OPTIMIZERS "
-                    "(adamw: dense baseline; block: BlockLLM selection).")
+                    "(adamw: dense baseline; block: BlockLLM selection; galore, gradnorm_lorp: "
+                    "the published low-rank methods on every block, no selection).")
     lr: float = doc(3e-3, "Peak learning rate.")
     beta1: float = doc(0.9, "Adam beta1.")
     beta2: float = doc(0.999, "Adam beta2.")
@@ -90,12 +91,27 @@ class OptimConfig:
                                     "of the parameter budget.")
     keep_state_on_reselect: bool = doc(False, "block: keep Adam moments of blocks that stay "
                                        "selected (BlockLLM resets all).")
+    projection: str = doc("none", "block: Adam inside each selected 2-D block in a rank-r subspace "
+                          "of its gradient (galore) or of its weight-normalised direction's "
+                          "gradient (gradnorm_lorp); none: full Adam.",
+                          ("none", "galore", "gradnorm_lorp"))
+    rank: int = doc(128, "galore/gradnorm_lorp: projection rank r (GaLore uses 128 at llama_60m).")
+    update_proj_gap: int = doc(200, "galore/gradnorm_lorp: refit the projection every N updates "
+                               "of a block (and when it is reselected).")
+    proj_scale: float = doc(0.25, "galore/gradnorm_lorp: scale of the projected-back update (GaLore's alpha).")
+    svd: str = doc("full", "galore/gradnorm_lorp: basis from torch.linalg.svd (full) or "
+                   "torch.svd_lowrank (lowrank, randomized, seeded per block).", ("full", "lowrank"))
+    proj_patterns: list = doc(["attn", "mlp"], "galore/gradnorm_lorp: parameter-name substrings of "
+                              "the 2-D weights that are projected (GaLore: attention and MLP).")
+    eight_bit: bool = doc(False, "Store Adam moments of block-optimizer states in 8 bits "
+                          "(blockwise dynamic quantization, 256 values per scale).")
     debug_checks: bool = doc(False, "Assert cross-rank invariants (identical selections) every step.")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = doc(1000, "Save a checkpoint every N steps (and always at the end); 0: only at the end.")
+    every_steps: int = doc(1000, "Save a checkpoint every N steps (and always at the end); 0: only at the "
+                           "end; -1: never (benchmarks).")
     keep_latest: int = doc(3, "Complete checkpoints kept (the oldest are deleted); at least 2.")
     async_save: bool = doc(False, "Write checkpoints on a background thread after copying the state "
                            "(training stalls only for the copy).")
@@ -273,8 +289,11 @@ def validate(cfg: RunConfig) -> None:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"config key 'optim.name' is {cfg.optim.name!r}{hint}; "
                           f"choose one of {sorted(OPTIMIZERS)}")
-    _check(not (cfg.backend == "fsdp" and cfg.optim.name == "block"), "backend",
-           "fsdp does not run the block optimizer yet; use --backend deepspeed")
+    _check(not (cfg.backend == "fsdp" and OPTIMIZERS[cfg.optim.name].syncs_grads), "backend",
+           f"fsdp does not run optim.name={cfg.optim.name} yet; use --backend deepspeed")
+    _check(cfg.optim.rank > 0, "optim.rank", "must be positive")
+    _check(cfg.optim.update_proj_gap > 0, "optim.update_proj_gap", "must be positive")
+    _check(cfg.optim.proj_scale > 0, "optim.proj_scale", "must be positive")
     _check(cfg.data.seq_len > 0, "data.seq_len", "must be positive")
     _check(cfg.data.seq_len <= 1024, "data.seq_len", "must be <= 1024 (the presets' max positions)")
     _check(cfg.train.steps > 0, "train.steps", "must be positive")
@@ -293,7 +312,8 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.optim.check_every > 0, "optim.check_every", "must be positive")
     _check(cfg.optim.reselect_every >= 0, "optim.reselect_every", "must be >= 0 (0: off)")
     _check(0.0 < cfg.optim.max_block_fraction <= 1.0, "optim.max_block_fraction", "must be in (0, 1]")
-    _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: only at the end)")
+    _check(cfg.checkpoint.every_steps >= -1, "checkpoint.every_steps",
+           "must be >= -1 (0: only at the end; -1: never)")
     _check(cfg.checkpoint.keep_latest >= 2, "checkpoint.keep_latest",
            "must be >= 2 (a crash while saving must leave a previous complete checkpoint)")
     load_ds_config(cfg.deepspeed_config)  # a bad ds_config is a config error too

@@ -48,9 +48,15 @@ def rows_at_least(run_dir, n):
 
 BLOCK = ["--optim.name", "block", "--optim.density", "0.2", "--optim.reselect_every", "5",
          "--optim.keep_state_on_reselect", "true"]
+# low-rank projectors and 8-bit moments in the state: llama_9m's 128-wide weights at rank 32
+# have 4,096-value moments, the smallest that are quantized
+LOWRANK_8BIT = ["--optim.rank", "32", "--optim.update_proj_gap", "3", "--optim.eight_bit", "true"]
+GRADNORM_8BIT = BLOCK + ["--optim.projection", "gradnorm_lorp"] + LOWRANK_8BIT
+GALORE_8BIT = BLOCK + ["--optim.projection", "galore"] + LOWRANK_8BIT
 
 
-@pytest.mark.parametrize("optim", [["--optim.name", "adamw"], BLOCK], ids=["adamw", "block"])
+@pytest.mark.parametrize("optim", [["--optim.name", "adamw"], BLOCK, GRADNORM_8BIT],
+                         ids=["adamw", "block", "block_gradnorm_8bit"])
 def test_sigkill_two_ranks_then_resume_is_bit_identical(tmp_path, optim):
     ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1)
     common = ["--deepspeed_config", str(ds), "--train.steps", str(STEPS),
@@ -167,7 +173,7 @@ def test_fsdp2_checkpoint_resumes_under_deepspeed_on_one_rank(tmp_path):
 
 
 GLOBAL_MICRO = 12  # divisible by 1, 2, 3 and 4 ranks at micro-batch 1
-BLOCK_RESUME = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + BLOCK + TINY
+BLOCK_RESUME = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + GALORE_8BIT + TINY
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +192,9 @@ def test_block_state_saved_at_two_ranks_resumes_at_other_world_sizes(tmp_path, b
     saved = torch.load(block_two_rank_run / "checkpoints" / "step_00000004" / "optim_rank00001.pt",
                        weights_only=True)["state"]
     assert saved["blocks"] and set(saved["blocks"]) < set(saved["selected"])  # rank 1 kept its own only
+    both = [torch.load(block_two_rank_run / "checkpoints" / "step_00000004" / f"optim_rank0000{r}.pt",
+                       weights_only=True)["state"]["blocks"] for r in (0, 1)]
+    assert any("proj" in st and "exp_avg_q" in st for b in both for st in b.values())  # GaLore, 8-bit
     run = tmp_path / "moved"
     shutil.copytree(block_two_rank_run, run)
     shutil.rmtree(run / "checkpoints" / "step_00000008")

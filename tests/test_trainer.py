@@ -101,6 +101,17 @@ def test_block_two_ranks_match_one_rank(tmp_path, one_rank_block_reference, laun
     assert [r["selected_params"] for r in got] == [r["selected_params"] for r in one_rank_block_reference]
 
 
+def test_dense_galore_run_keeps_projected_state(tmp_path):
+    """--optim.name galore: every parameter trained, projected moments, state well under AdamW's."""
+    run_pretrain(["--run_dir", str(tmp_path / "run"), "--optim.name", "galore", "--optim.rank", "16",
+                  "--train.steps", "6"] + TINY)
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["selected_fraction"] == 1.0
+    # llama_9m is 70% embedding and head (full Adam here, as in GaLore); the layers are projected
+    assert last["optim_state_bytes"] < 0.8 * 8 * last["n_params"]
+    assert last["loss"] < read_metrics(tmp_path / "run")[0]["loss"]
+
+
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_fsdp2_matches_one_rank(tmp_path, nproc):
     """FSDP2 (fully_shard) under torchrun; 3 ranks shard unevenly. Same global batch as 1 rank."""

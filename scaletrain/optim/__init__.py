@@ -6,6 +6,7 @@ all-reduce); the block optimizer reduces only the blocks it trains, and clips af
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,7 +27,7 @@ def _adamw(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float) -> to
                              eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
 
 
-def _block(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float) -> torch.optim.Optimizer:
+def _block(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float, **dense) -> torch.optim.Optimizer:
     from scaletrain.optim.blockllm import BlockOptimizer
 
     return BlockOptimizer(
@@ -35,12 +36,25 @@ def _block(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float) -> to
         check_every=cfg.check_every, reselect_every=cfg.reselect_every,
         frozen_patterns=tuple(cfg.frozen_patterns), max_block_fraction=cfg.max_block_fraction,
         keep_state_on_reselect=cfg.keep_state_on_reselect, max_grad_norm=max_grad_norm,
-        debug_checks=cfg.debug_checks)
+        debug_checks=cfg.debug_checks, projection=cfg.projection, rank=cfg.rank,
+        update_proj_gap=cfg.update_proj_gap, proj_scale=cfg.proj_scale, svd=cfg.svd,
+        proj_patterns=tuple(cfg.proj_patterns), eight_bit=cfg.eight_bit, **dense)
+
+
+def _dense(projection: str):
+    """GaLore / GradNormLoRP as published: every parameter trained (no selection, nothing
+    frozen), each tensor's state on one owner rank."""
+    def build(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float) -> torch.optim.Optimizer:
+        return _block(dataclasses.replace(cfg, projection=projection, frozen_patterns=[], density=1.0), model,
+                      max_grad_norm, select_all=True)
+    return build
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     "adamw": OptimizerEntry(_adamw, syncs_grads=False),
     "block": OptimizerEntry(_block, syncs_grads=True),
+    "galore": OptimizerEntry(_dense("galore"), syncs_grads=True),
+    "gradnorm_lorp": OptimizerEntry(_dense("gradnorm_lorp"), syncs_grads=True),
 }
 
 

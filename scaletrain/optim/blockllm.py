@@ -8,7 +8,8 @@ no memory and no communication. The pieces:
   BlockSelector      BlockLLM's score and budget rule: pure, deterministic
   reselection_due    BlockLLM's patience rule: a pure function of the loss history
   owner_map          ZeRO for selected blocks: each selected block gets exactly one owner rank
-  BlockOptimizer     a torch.optim.Optimizer composing them with AdamW on selected blocks
+  BlockOptimizer     a torch.optim.Optimizer composing them with a per-block update rule
+                     (update_rules: AdamW, GaLore or GradNormLoRP; fp32 or 8-bit moments)
 
 Per step (ZeRO-2 semantics at block granularity): each selected block's gradient is reduced to
 its owner only, the owner clips and updates it with the Adam state that only it holds, and the
@@ -32,6 +33,8 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
+
+from scaletrain.optim.update_rules import Hyper, build_rule
 
 BUCKET_BYTES = 32 * 2**20  # gradient all-reduce bucket: bounds the flat buffer's extra memory
 
@@ -138,6 +141,8 @@ class BlockOptimizer(torch.optim.Optimizer):
                  density=0.05, patience=100, check_every=1000, reselect_every=0,
                  frozen_patterns=("embed", "lm_head"), max_block_fraction=0.5,
                  keep_state_on_reselect=False, max_grad_norm=0.0, debug_checks=False,
+                 projection="none", rank=128, update_proj_gap=200, proj_scale=0.25, svd="full",
+                 proj_patterns=("attn", "mlp"), eight_bit=False, select_all=False,
                  process_group=None):
         named = list(named_params)
         super().__init__([p for _, p in named], dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -151,6 +156,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.keep_state_on_reselect = keep_state_on_reselect
         self.max_grad_norm, self.debug_checks = max_grad_norm, debug_checks
         self.group = process_group
+        self.rule = build_rule(projection, rank=rank, update_proj_gap=update_proj_gap,
+                               proj_scale=proj_scale, svd=svd, proj_patterns=tuple(proj_patterns),
+                               eight_bit=eight_bit)
+        self.select_all = select_all
         self.selected: list[str] = []
         self.owners: dict[str, int] = {}
         self.block_state: dict[str, dict] = {}  # only for the blocks this rank owns
@@ -163,6 +172,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._pending_step = 0
         for p in self.params.values():  # nothing trains until the first selection
             p.requires_grad_(False)
+        if select_all:  # dense GaLore / GradNormLoRP: every candidate block, sharded by owner
+            self._apply_selection(sorted(self.block_names))
 
     # ------------------------------------------------------------------ who am I
     @property
@@ -172,6 +183,10 @@ class BlockOptimizer(torch.optim.Optimizer):
     @property
     def layer_names(self) -> list[str]:
         return list(dict.fromkeys(b.param for b in self.blocks))
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
 
     def _world(self) -> int:
         return dist.get_world_size(self.group) if dist.is_initialized() else 1
@@ -189,6 +204,8 @@ class BlockOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ selection
     def wants_selection(self, step: int) -> bool:
         self._pending_step = step
+        if self.select_all:
+            return False
         if not self.selected:
             return True
         if self.reselect_every and step % self.reselect_every == 0:
@@ -229,8 +246,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         finally:
             for h in handles:
                 h.remove()
-        if self._world() > 1:
-            dist.all_reduce(sq_norms, group=self.group)  # the one collective of a selection
+        if self._world() > 1:  # the one collective of a selection (on the device: nccl has no CPU)
+            on_device = sq_norms.to(self.device)
+            dist.all_reduce(on_device, group=self.group)
+            sq_norms = on_device.cpu()
         norms = {b.name: math.sqrt(sq_norms[i].item()) for i, b in enumerate(self.blocks)}
         self._apply_selection(self.selector.select(norms, self._pending_step))
         self._selection_time = time.perf_counter() - t0
@@ -256,33 +275,39 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _move_state(self, kept: list[str], old_owners: dict[str, int]) -> None:
         """Keep the state of blocks that stay selected; send it to the new owner where it moved,
         drop everything else. Every rank walks the moves in the same order, so sends and
-        receives pair up without deadlock."""
+        receives pair up without deadlock. The receiver allocates the rule's state layout for the
+        block (fixed keys and shapes) and receives the tensors in key order, then the numbers."""
         rank = self._rank()
         moved = {}
         for name in kept:
             src, dst = old_owners[name], self.owners[name]
             if src == dst or rank not in (src, dst):
                 continue
-            if rank == src:
-                st = self.block_state[name]
-                dist.send(torch.stack([st["exp_avg"], st["exp_avg_sq"]]), self._global_rank(dst), group=self.group)
-                dist.send(torch.tensor([st["step"]], dtype=torch.float64), self._global_rank(dst), group=self.group)
-            else:
-                w = self._weight(self.block_by_name[name])
-                moments = torch.empty((2, *w.shape), dtype=w.dtype)
-                step = torch.empty(1, dtype=torch.float64)
-                dist.recv(moments, self._global_rank(src), group=self.group)
-                dist.recv(step, self._global_rank(src), group=self.group)
-                moved[name] = {"step": step.item(), "exp_avg": moments[0].clone(), "exp_avg_sq": moments[1].clone()}
+            peer = self._global_rank(dst if rank == src else src)
+            block = self.block_by_name[name]
+            st = self.block_state[name] if rank == src else self.rule.new_state(block, self._weight(block))
+            numbers = torch.tensor([float(st[k]) for k in sorted(st) if not torch.is_tensor(st[k])],
+                                   dtype=torch.float64, device=self.device)
+            for key in sorted(k for k in st if torch.is_tensor(st[k])):
+                (dist.send if rank == src else dist.recv)(st[key], peer, group=self.group)
+            (dist.send if rank == src else dist.recv)(numbers, peer, group=self.group)
+            if rank == dst:
+                for key, value in zip(sorted(k for k in st if not torch.is_tensor(st[k])), numbers.tolist()):
+                    st[key] = value
+                moved[name] = st
         self.block_state = {n: s for n, s in self.block_state.items()
                             if n in kept and self.owners[n] == rank}
         self.block_state.update(moved)
+        for st in self.block_state.values():
+            if "proj_stale" in st:
+                st["proj_stale"] = 1.0  # GaLore's basis is refit when a block is (re)selected
 
     def assert_same_selection_on_all_ranks(self) -> None:
         if self._world() == 1:
             return
         digest = int.from_bytes(hashlib.sha256("\n".join(self.selected).encode()).digest()[:7], "big")
-        lo, hi = torch.tensor([digest], dtype=torch.int64), torch.tensor([digest], dtype=torch.int64)
+        lo = torch.tensor([digest], dtype=torch.int64, device=self.device)
+        hi = lo.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.group)
         if lo.item() != hi.item():
@@ -350,7 +375,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 sent += self._reduce_to_owner([self._grad(b) for b in owned], owner)
         mine = by_owner[rank]
         grads = [self._grad(b) for b in mine]
-        sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=self.device)
         sq = sq.reshape(1).double()
         if world > 1:
             dist.all_reduce(sq, group=self.group)  # the global norm over all selected blocks
@@ -360,30 +385,17 @@ class BlockOptimizer(torch.optim.Optimizer):
             coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grad_norm_
             for g in grads:
                 g.mul_(coef)
+        hyper = Hyper(lr, beta1, beta2, eps, wd)
         for b, grad in zip(mine, grads):
-            self._adamw(b, grad, lr, beta1, beta2, eps, wd)
+            weight = self._weight(b)
+            if b.name not in self.block_state:
+                self.block_state[b.name] = self.rule.new_state(b, weight)
+            self.rule.update(b, weight, grad, self.block_state[b.name], hyper)
         if world > 1:
             for owner, owned in by_owner.items():
                 sent += self._broadcast_from_owner([self._weight(b) for b in owned], owner)
         self.wire_bytes_last_step = sent
         return loss
-
-    def _adamw(self, b: Block, grad, lr, beta1, beta2, eps, wd) -> None:
-        """torch.optim.AdamW's single-tensor update, op for op (bit-identical in fp32)."""
-        param = self._weight(b)
-        st = self.block_state.get(b.name)
-        if st is None:
-            st = self.block_state[b.name] = {"step": 0.0, "exp_avg": torch.zeros_like(param),
-                                              "exp_avg_sq": torch.zeros_like(param)}
-        st["step"] += 1.0
-        if wd != 0:
-            param.mul_(1 - lr * wd)
-        st["exp_avg"].lerp_(grad, 1 - beta1)
-        st["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = st["step"]
-        step_size = lr / (1 - beta1 ** step)
-        denom = (st["exp_avg_sq"].sqrt() / ((1 - beta2 ** step) ** 0.5)).add_(eps)
-        param.addcdiv_(st["exp_avg"], denom, value=-step_size)
 
     # ------------------------------------------------------------------ introspection
     def state_bytes(self) -> int:

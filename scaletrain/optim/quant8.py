@@ -1,0 +1,70 @@
+"""8-bit optimizer moments: blockwise dynamic quantization (the scheme of Dettmers et al.,
+"8-bit Optimizers via Block-wise Quantization", which bitsandbytes implements), in pure torch.
+
+A moment tensor is cut into chunks of CHUNK values; each chunk is divided by its absolute maximum
+(kept in fp32) and every value is replaced by the index of the nearest entry of a 256-entry
+codebook. The codebook is "dynamic": it spends its entries evenly over decades (1e-6..1), so small
+values keep their relative precision, which a linear int8 grid would round to zero. That matters
+for Adam's second moment: a zeroed v turns the update into m / eps.
+
+Storage: 1 byte per value + 4 bytes per CHUNK values (1.016 B/value at CHUNK 256).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+CHUNK = 256          # values per absmax scale (bitsandbytes' blockwise optimizers use 256 too)
+MIN_NUMEL = 4096     # smaller moments stay fp32, as bitsandbytes' min_8bit_size
+
+
+@functools.lru_cache(maxsize=None)
+def dynamic_codebook(signed: bool) -> torch.Tensor:
+    """Sorted values in [-1, 1] (signed) or [0, 1]: per decade 10^(k-6)..10^(k-5), 2^k (signed,
+    k = 1..6, each sign) or 2^(k+1) (unsigned, k = 0..6) evenly spaced points, so larger values
+    get finer steps; plus 0 and +-1 (each chunk's absmax is exact). Signed: 2 * 126 + 3 = 255
+    entries; unsigned: 254 + 2 = 256."""
+    values = [0.0, 1.0] + ([-1.0] if signed else [])
+    for k in range(1 if signed else 0, 7):
+        n = 2 ** k if signed else 2 ** (k + 1)
+        edges = torch.linspace(0.1, 1.0, n + 1, dtype=torch.float64)
+        mids = ((edges[:-1] + edges[1:]) / 2 * 10.0 ** (k - 6)).tolist()
+        values += mids + ([-v for v in mids] if signed else [])
+    book = torch.tensor(sorted(values), dtype=torch.float32)
+    assert book.numel() == (255 if signed else 256)
+    return book
+
+
+@functools.lru_cache(maxsize=None)
+def _midpoints(signed: bool) -> torch.Tensor:
+    book = dynamic_codebook(signed)
+    return (book[1:] + book[:-1]) / 2
+
+
+def quantize(t: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8 shaped like t, absmax fp32 of shape [ceil(numel / CHUNK)])."""
+    flat = t.detach().float().reshape(-1)
+    n_chunks = math.ceil(flat.numel() / CHUNK)
+    padded = torch.nn.functional.pad(flat, (0, n_chunks * CHUNK - flat.numel())).view(n_chunks, CHUNK)
+    absmax = padded.abs().amax(dim=1)
+    normed = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    codes = torch.bucketize(normed, _midpoints(signed).to(t.device))  # nearest codebook entry
+    return codes.view(-1)[: flat.numel()].to(torch.uint8).view(t.shape), absmax
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    book = dynamic_codebook(signed).to(codes.device)
+    values = book[codes.reshape(-1).long()]
+    n_chunks = absmax.numel()
+    padded = torch.nn.functional.pad(values, (0, n_chunks * CHUNK - values.numel())).view(n_chunks, CHUNK)
+    return (padded * absmax.unsqueeze(1)).view(-1)[: codes.numel()].view(codes.shape)
+
+
+def quantized(numel: int) -> bool:
+    return numel >= MIN_NUMEL
+
+
+def n_chunks(numel: int) -> int:
+    return math.ceil(numel / CHUNK)
