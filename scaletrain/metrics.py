@@ -2,7 +2,7 @@
 
 Only rank 0 writes. The jsonl keys and TensorBoard tags are the same names (a contract used
 by tests and tools): step, tokens, loss, lr, grad_norm, tokens_per_s, step_time_s,
-peak_mem_bytes, n_params, optim_state_bytes, optim_state_bytes_total, wire_bytes,
+peak_mem_bytes, mfu (on GPUs of known peak), n_params, optim_state_bytes, optim_state_bytes_total, wire_bytes,
 selected_params, selection_churn, skipped_data_lines; eval_loss, eval_ppl on eval steps.
 """
 from __future__ import annotations
@@ -20,6 +20,27 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name substring
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def train_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward), as in the PaLM paper's MFU:
+    6 x the parameters that multiply (all but the input embedding, a lookup) plus attention's
+    12 x layers x hidden x seq_len. The same figure for every optimizer: MFU counts the model's
+    work, so a mode that skips frozen weight gradients shows as higher MFU, not lower."""
+    cfg = model.config
+    matmul_params = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size
+    return 6.0 * matmul_params + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
 class MetricsWriter:

@@ -20,7 +20,8 @@ from scaletrain.data import CorruptShardError, DataPathError, TrainWindowLoader,
 from scaletrain.dist.engines import build_engine, resolve_precision, shard_model
 from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
                                      init_distributed, resolve_backend, shutdown)
-from scaletrain.metrics import MetricsWriter, ProgressBar, peak_memory_bytes, selection_heatmap
+from scaletrain.metrics import (MetricsWriter, ProgressBar, peak_flops, peak_memory_bytes, selection_heatmap,
+                                train_flops_per_token)
 from scaletrain.models.llama import build_model, causal_lm_loss, count_params
 from scaletrain.optim import build_optimizer
 from scaletrain.optim.schedule import build_scheduler
@@ -239,7 +240,8 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
             row.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50.0)))
         if len(row) > 1:
             metrics.log(done, row)
-        if (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or done == cfg.train.steps:
+        every = cfg.checkpoint.every_steps
+        if every >= 0 and ((every and done % every == 0) or done == cfg.train.steps):
             save(cfg, run_dir, done, ctx, engine, optimizer, scheduler, loader, ds_config, saver)
         n_sel = len(optimizer.selection_history) if is_block else 0
         if n_sel and (done == cfg.train.steps or (n_sel > heatmap_at and n_sel % HEATMAP_EVERY_SELECTIONS == 0)):
@@ -258,6 +260,7 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
 
 def _step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step, step_times, n_params):
     mean_dt = sum(step_times) / len(step_times)
+    flops_per_token = train_flops_per_token(engine.module, cfg.data.seq_len)
     state = optimizer_state_bytes(optimizer)
     row = {
         "tokens": done * tokens_per_step,
@@ -266,11 +269,15 @@ def _step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step, st
         "tokens_per_s": tokens_per_step / mean_dt,
         "step_time_s": mean_dt,
         "peak_mem_bytes": all_reduce_max(peak_memory_bytes(ctx.device), ctx),
+        "train_flops_per_token": flops_per_token,
         "n_params": n_params,
         "optim_state_bytes": all_reduce_max(state, ctx),
         "optim_state_bytes_total": all_reduce_sum([state], ctx)[0],
         "skipped_data_lines": loader.skipped_lines,
     }
+    peak = peak_flops(ctx.device)
+    if peak:  # model FLOPs utilisation per GPU
+        row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * ctx.world_size)
     if hasattr(optimizer, "stats"):
         s = optimizer.stats()
         row.update(wire_bytes=all_reduce_max(s["wire_bytes"], ctx), selected_params=s["selected_params"],
