@@ -6,8 +6,10 @@
 Each mode runs on `--nproc` fresh gloo ranks (so peak RSS is that mode's own), one mode after
 another, on the same global batch and initial weights. adamw/zero1/zero2 are torch AdamW inside
 DeepSpeed at ZeRO stage 0/1/2 (plain PyTorch at one rank for adamw); block is the block optimizer
-(owner-sharded state). Times are medians after warm-up, as ratios to adamw from the same
-invocation; steps that ran a selection pass are timed apart. Optimizer-state bytes are exact
+(owner-sharded state); block_galore(_8bit), block_gradnorm_lorp add low-rank states (and 8-bit
+moments) inside the selected blocks; galore and gradnorm_lorp are the dense modes (every block);
+galore_torch is galore-torch's GaLoreAdamW, the external reference. Times are medians after warm-up, as ratios to adamw from the same
+invocation; steps that ran a selection pass or a GaLore basis refit (SVD) are timed apart. Optimizer-state bytes are exact
 (summed over state tensors), per rank. wire_bytes_ratio compares the optimizer's counted bytes per
 step with a DDP all-reduce of all gradients (2 (W-1)/W x 4 bytes x parameters per rank); DeepSpeed's
 own collectives are not counted (None).
@@ -41,8 +43,43 @@ MODES = {  # optimizer config and the ZeRO stage DeepSpeed runs it at
     "adamw": ({"name": "adamw"}, 0),
     "zero1": ({"name": "adamw"}, 1),
     "zero2": ({"name": "adamw"}, 2),
+    "galore_torch": ({"name": "adamw"}, 0),  # replaced by galore-torch's GaLoreAdamW below
+    "galore": ({"name": "galore"}, 0),
+    "gradnorm_lorp": ({"name": "gradnorm_lorp"}, 0),
     "block": ({"name": "block"}, 0),
+    "block_galore": ({"name": "block", "projection": "galore"}, 0),
+    "block_galore_8bit": ({"name": "block", "projection": "galore", "eight_bit": True}, 0),
+    "block_gradnorm_lorp": ({"name": "block", "projection": "gradnorm_lorp"}, 0),
 }
+
+
+def galore_torch_optimizer(model, args):
+    """The external reference: galore-torch's GaLoreAdamW set up as GaLore's own C4 script does
+    (attention and MLP weights projected at rank r, gap 200, scale 0.25; the rest plain Adam)."""
+    from galore_torch import GaLoreAdamW
+
+    lowrank = [p for n, p in model.named_parameters() if p.dim() == 2 and ("attn" in n or "mlp" in n)]
+    ids = {id(p) for p in lowrank}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return GaLoreAdamW([{"params": rest}, {"params": lowrank, "rank": args.rank, "update_proj_gap": 200,
+                                           "scale": 0.25, "proj_type": "std"}],
+                       lr=args.lr, eps=1e-8, no_deprecation_warning=True)
+
+
+def galore_torch_state_bytes(optimizer) -> int:
+    """Its projector lives in the state as a Python object; count its basis tensor too."""
+    total = 0
+    for st in optimizer.state.values():
+        total += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
+        basis = getattr(st.get("projector"), "ortho_matrix", None)
+        total += basis.numel() * basis.element_size() if basis is not None else 0
+    return total
+
+
+def refits(optimizer) -> int:
+    """GaLore basis refits so far (our rules count them; galore-torch refits at step 0, 200...)."""
+    rule = getattr(optimizer, "rule", None)
+    return getattr(rule, "refits", 0)
 
 
 def run_mode(mode: str, args) -> dict:
@@ -53,8 +90,10 @@ def run_mode(mode: str, args) -> dict:
     tok = load_tokenizer(args.tokenizer)
     model = build_model(args.preset, tok.vocab_size, seed=0)
     optim_cfg, stage = MODES[mode]
-    cfg = OptimConfig(lr=args.lr, density=args.density, **optim_cfg)
+    cfg = OptimConfig(lr=args.lr, density=args.density, rank=args.rank, **optim_cfg)
     optimizer, syncs = build_optimizer(cfg, model, max_grad_norm=1.0)
+    if mode == "galore_torch":
+        optimizer = galore_torch_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args.steps, 0, 1.0)
     ds = {"train_micro_batch_size_per_gpu": args.micro // world, "gradient_accumulation_steps": 1,
           "gradient_clipping": 1.0, "bf16": {"enabled": False}, "zero_optimization": {"stage": stage},
@@ -62,20 +101,23 @@ def run_mode(mode: str, args) -> dict:
     use_ds = world > 1 or stage > 0
     engine = (DeepSpeedEngine if use_ds else SingleEngine)(model, optimizer, scheduler, ds, ctx, syncs)
     loader = TrainWindowLoader(c4_source("local", None), tok, args.seq_len, args.micro // world, 1, rank, world)
-    steady, selection, losses = [], [], []
+    steady, selection, svd, losses = [], [], [], []
     for step in range(args.steps):
         batches = loader.next_step()
         dist.barrier()
         t0 = time.perf_counter()
         selecting = hasattr(optimizer, "wants_selection") and optimizer.wants_selection(step)
+        refits_before = refits(optimizer)
         if selecting:
             selection_pass(engine.module, optimizer, batches, ctx.device)
         losses.append(engine.train_step(batches))
         if hasattr(optimizer, "record_loss"):
             optimizer.record_loss(losses[-1])
-        (selection if selecting else steady).append(time.perf_counter() - t0)
+        refitted = refits(optimizer) > refits_before or (mode == "galore_torch" and step % 200 == 0)
+        (selection if selecting else svd if refitted else steady).append(time.perf_counter() - t0)
     n_params = count_params(model)
-    state = optimizer_state_bytes(engine.optimizer if stage else optimizer)
+    state = (galore_torch_state_bytes(optimizer) if mode == "galore_torch"
+             else optimizer_state_bytes(engine.optimizer if stage else optimizer))
     wire = optimizer.stats()["wire_bytes"] if hasattr(optimizer, "stats") else None
     ddp_bytes = 2 * (world - 1) / world * 4 * n_params
     return {
@@ -85,6 +127,7 @@ def run_mode(mode: str, args) -> dict:
         "state_bytes_per_param": all_reduce_sum([state], ctx)[0] / n_params,
         "step_time_s": statistics.median(steady[args.warmup:] or steady),
         "selection_step_time_s": statistics.median(selection) if selection else None,
+        "svd_step_time_s": statistics.median(svd) if svd else None,
         "wire_bytes": None if wire is None else all_reduce_max(wire, ctx),
         "wire_bytes_ratio": None if wire is None or world == 1 else all_reduce_max(wire, ctx) / ddp_bytes,
         "peak_mem_bytes": all_reduce_max(peak_memory_bytes(ctx.device), ctx),
@@ -103,6 +146,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--density", type=float, default=0.05)
+    p.add_argument("--rank", type=int, default=128, help="projection rank of the galore modes")
     p.add_argument("--tokenizer", default="llama32k", help="llama32k gives the papers' param counts")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", default=None)
@@ -119,14 +163,15 @@ def main(argv=None) -> dict:
         r["step_time_ratio"] = r["step_time_s"] / base["step_time_s"] if base else None
     print(f"{args.preset}, global micro-batch {args.micro} x {args.seq_len}, fp32, {args.nproc} rank(s), "
           f"{args.steps} steps, {args.threads} threads")
-    print(f"{'mode':<8}{'state B/param':>14}{'max/rank MiB':>13}{'step s':>8}{'ratio':>7}{'select s':>9}"
-          f"{'wire/DDP':>9}{'peak RSS MiB':>13}{'loss':>8}")
+    print(f"{'mode':<20}{'state B/param':>14}{'max/rank MiB':>13}{'step s':>8}{'ratio':>7}{'select s':>9}"
+          f"{'svd s':>7}{'wire/DDP':>9}{'peak RSS MiB':>13}{'loss':>8}")
     for mode, r in results.items():
         sel = f"{r['selection_step_time_s']:.3f}" if r["selection_step_time_s"] else "-"
+        svd = f"{r['svd_step_time_s']:.3f}" if r["svd_step_time_s"] else "-"
         ratio = f"{r['step_time_ratio']:.3f}" if r["step_time_ratio"] else "-"
         wire = f"{r['wire_bytes_ratio']:.4f}" if r["wire_bytes_ratio"] is not None else "-"
-        print(f"{mode:<8}{r['state_bytes_per_param']:>14.4f}{r['state_bytes_per_rank_max'] / 2**20:>13.1f}"
-              f"{r['step_time_s']:>8.3f}{ratio:>7}{sel:>9}{wire:>9}{r['peak_mem_bytes'] / 2**20:>13.0f}"
+        print(f"{mode:<20}{r['state_bytes_per_param']:>14.4f}{r['state_bytes_per_rank_max'] / 2**20:>13.1f}"
+              f"{r['step_time_s']:>8.3f}{ratio:>7}{sel:>9}{svd:>7}{wire:>9}{r['peak_mem_bytes'] / 2**20:>13.0f}"
               f"{r['final_loss']:>8.4f}")
     out = {"args": vars(args), "modes": results}
     if args.json:

@@ -141,7 +141,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                  density=0.05, patience=100, check_every=1000, reselect_every=0,
                  frozen_patterns=("embed", "lm_head"), max_block_fraction=0.5,
                  keep_state_on_reselect=False, max_grad_norm=0.0, debug_checks=False,
-                 projection="none", rank=128, update_proj_gap=200, proj_scale=0.25, svd="full",
+                 projection="none", rank=128, update_proj_gap=200, proj_scale=0.25, svd="lowrank",
                  proj_patterns=("attn", "mlp"), eight_bit=False, select_all=False,
                  process_group=None):
         named = list(named_params)

@@ -109,6 +109,7 @@ class GaLoreRule:
                  eight_bit: bool = False):
         self.projector, self.gap, self.patterns = projector, update_proj_gap, proj_patterns
         self.moments = MomentStore(eight_bit)
+        self.refits = 0  # basis fits so far on this rank (benchmarks time those steps apart)
 
     def projects(self, block, weight: torch.Tensor) -> bool:
         return self.projector.applies_to(weight.shape) and any(p in block.param for p in self.patterns)
@@ -130,6 +131,7 @@ class GaLoreRule:
         if state["step"] % self.gap == 0 or state["proj_stale"]:
             state["proj"].copy_(self.projector.fit(grad, block.name, int(state["step"])))
             state["proj_stale"] = 0.0
+            self.refits += 1
         return self.projector.project(grad, state["proj"])
 
     def _adam_direction(self, grad, state, hp: Hyper) -> tuple[torch.Tensor, float]:

@@ -22,7 +22,7 @@ def test_dense_galore_matches_galore_torch_given_the_same_gradients():
     ours_model, ref_model = tiny_llama(), tiny_llama()
     ours = BlockOptimizer(ours_model.named_parameters(), lr=1e-2, weight_decay=0.01, select_all=True,
                           frozen_patterns=(), density=1.0, projection="galore", rank=RANK,
-                          update_proj_gap=GAP, proj_scale=0.25)
+                          update_proj_gap=GAP, proj_scale=0.25, svd="full")
     lowrank = [p for n, p in ref_model.named_parameters() if p.dim() == 2 and ("attn" in n or "mlp" in n)]
     rest = [p for p in ref_model.parameters() if all(p is not q for q in lowrank)]
     ref = galore_torch.GaLoreAdamW(
