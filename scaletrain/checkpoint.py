@@ -129,7 +129,7 @@ def _barrier(world: int, group=None) -> None:
 
 def save_checkpoint(root: Path, step: int, *, rank: int, world_size: int, model_state: dict,
                     optim_shard: dict, trainer_state: dict, config_text: str, ds_config: dict,
-                    keep_latest: int, engine_writer=None, rng: dict | None = None, group=None) -> Path:
+                    keep_latest: int, rng: dict | None = None, group=None) -> Path:
     """Collective over `group` (default: all ranks): every rank calls it. Returns the committed
     directory. `rng` is the RNG state to store (default: the current one)."""
     t0 = time.perf_counter()
@@ -153,12 +153,6 @@ def save_checkpoint(root: Path, step: int, *, rank: int, world_size: int, model_
         (tmp / "config.yaml").write_text(config_text)
         (tmp / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
         written += ["model.safetensors", "trainer.pt", "config.yaml", "ds_config.json"]
-    if engine_writer is not None:  # e.g. DeepSpeed's own ZeRO shards, a collective write
-        engine_writer(tmp)
-        _barrier(world_size, group)
-        if rank == 0:
-            written += [str(f.relative_to(tmp)) for f in sorted((tmp / "deepspeed").rglob("*"))
-                        if f.is_file()]
     sums = {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in written}
     gathered = _gather_to_main(sums, rank, world_size, group)
 
@@ -364,6 +358,22 @@ def optimizer_shard(optimizer, model: torch.nn.Module, rank: int) -> dict:
     return {"kind": "torch", **full} if rank == 0 else {"kind": "torch", "replica_of_rank": 0}
 
 
+def full_optimizer_state(model: torch.nn.Module, shards: list[dict], optimizer_name: str = "AdamW") -> dict:
+    """The full, name-keyed state of a dense optimizer (written once, by rank 0), checked
+    against the model."""
+    kinds = {s["kind"] for s in shards}
+    if kinds != {"torch"}:
+        raise CheckpointError(f"checkpoint optimizer state is {kinds}; this run uses "
+                              f"{optimizer_name}: resume with the same optim.name")
+    full = {k: v for k, v in shards[0].items() if k != "kind"}
+    names = {n for n, _ in model.named_parameters()}
+    saved = set(full["param_groups"][0]["params"]) if full["param_groups"] else set()
+    if saved != names:
+        raise CheckpointError("checkpoint optimizer parameters do not match the model "
+                              "(a different model.preset?)")
+    return full
+
+
 def restore_optimizer(optimizer, model: torch.nn.Module, shards: list[dict]) -> None:
     """Load the saved shards (all ranks' files, in rank order) into this rank's optimizer."""
     kinds = {s["kind"] for s in shards}
@@ -373,16 +383,8 @@ def restore_optimizer(optimizer, model: torch.nn.Module, shards: list[dict]) -> 
                                   f"{type(optimizer).__name__} needs name-keyed block state")
         optimizer.load_state_dict_shards([s["state"] for s in shards])
         return
-    if kinds != {"torch"}:
-        raise CheckpointError(f"checkpoint optimizer state is {kinds}; this run uses "
-                              f"{type(optimizer).__name__}: resume with the same optim.name")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    full = {k: v for k, v in shards[0].items() if k != "kind"}
-    names = {n for n, _ in model.named_parameters()}
-    saved = set(full["param_groups"][0]["params"]) if full["param_groups"] else set()
-    if saved != names:
-        raise CheckpointError("checkpoint optimizer parameters do not match the model "
-                              "(a different model.preset?)")
+    full = full_optimizer_state(model, shards, type(optimizer).__name__)
     set_optimizer_state_dict(model, optimizer, full,
                              options=StateDictOptions(full_state_dict=_is_sharded(model)))

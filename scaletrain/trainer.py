@@ -138,13 +138,8 @@ def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
     t0 = time.perf_counter()
     state = ckpt.load_trainer_state(path)
     ckpt.restore_model(engine.module, ckpt.load_model_state(path))
-    if engine.owns_optimizer_checkpoint:
-        if state["world_size"] != ctx.world_size:
-            raise ckpt.CheckpointError(
-                f"{path}: dense AdamW under DeepSpeed ZeRO-{engine.zero_stage} was saved at world "
-                f"size {state['world_size']}; resume at that size (or convert with DeepSpeed's "
-                f"ds_to_universal)")
-        engine.load_engine_state(path)
+    if engine.zero_partitions_state:  # DeepSpeed ZeRO-1/2 AdamW: each rank sets its fragments
+        engine.load_full_optimizer_state(ckpt.full_optimizer_state(engine.module, ckpt.load_optim_shards(path)))
     else:
         ckpt.restore_optimizer(optimizer, engine.module, ckpt.load_optim_shards(path))
     scheduler.load_state_dict(state["scheduler"])
@@ -162,13 +157,18 @@ def save(cfg, run_dir, step, ctx, engine, optimizer, scheduler, loader, ds_confi
     write(
         run_dir / "checkpoints", step, rank=ctx.rank, world_size=ctx.world_size,
         model_state=ckpt.model_state(engine.module, ctx.rank),
-        optim_shard=({"kind": "deepspeed"} if engine.owns_optimizer_checkpoint
-                     else ckpt.optimizer_shard(optimizer, engine.module, ctx.rank)),
+        optim_shard=_optimizer_shard(engine, optimizer, ctx.rank),
         trainer_state={"step": step, "world_size": ctx.world_size,
                        "scheduler": scheduler.state_dict(), "loader": loader.state_dict()},
         config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False), ds_config=ds_config,
-        keep_latest=cfg.checkpoint.keep_latest,
-        engine_writer=engine.save_engine_state if engine.owns_optimizer_checkpoint else None)
+        keep_latest=cfg.checkpoint.keep_latest)
+
+
+def _optimizer_shard(engine, optimizer, rank: int) -> dict:
+    if engine.zero_partitions_state:  # gathered from ZeRO's partitions: one full copy, rank 0's
+        full = engine.full_optimizer_state()
+        return {"kind": "torch", **full} if rank == 0 else {"kind": "torch", "replica_of_rank": 0}
+    return ckpt.optimizer_shard(optimizer, engine.module, rank)
 
 
 def train(cfg: RunConfig, run_dir: Path | None) -> None:
@@ -210,9 +210,7 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
              tokens_per_step, "bf16" if ds_config["bf16"].get("enabled") else "fp32")
 
     start = resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader)
-    # DeepSpeed's own ZeRO checkpoint writes synchronously, so async applies to our format only
-    saver = (ckpt.AsyncCheckpointer(ctx.world_size)
-             if cfg.checkpoint.async_save and not engine.owns_optimizer_checkpoint else None)
+    saver = ckpt.AsyncCheckpointer(ctx.world_size) if cfg.checkpoint.async_save else None
     metrics = MetricsWriter(run_dir, ctx.is_main)
     bar = ProgressBar(cfg.train.steps, start, ctx.is_main)
     step_times: list[float] = []

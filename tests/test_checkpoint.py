@@ -137,10 +137,13 @@ def test_optimizer_state_loads_weights_only_and_by_name(three_checkpoints):
     assert state["step"] == 6 and state["loader"]["windows_consumed"] > 0
 
 
-def test_two_ranks_saved_one_rank_resumes(tmp_path):
-    """Same global batch: 2 ranks x micro 2 == 1 rank x micro 2 x accumulation 2."""
-    ds2 = write_ds_config(tmp_path / "ds2.json", micro=2, accum=1)
-    ds1 = write_ds_config(tmp_path / "ds1.json", micro=2, accum=2)
+@pytest.mark.parametrize("save_stage,resume_stage,launcher", [(0, 0, "python"), (2, 1, "deepspeed")],
+                         ids=["stage0_to_single", "zero2_to_zero1"])
+def test_two_ranks_saved_one_rank_resumes(tmp_path, save_stage, resume_stage, launcher):
+    """Same global batch: 2 ranks x micro 2 == 1 rank x micro 2 x accumulation 2. Dense AdamW
+    under ZeRO is gathered from DeepSpeed's partitions at save and re-split at load."""
+    ds2 = write_ds_config(tmp_path / "ds2.json", micro=2, accum=1, stage=save_stage)
+    ds1 = write_ds_config(tmp_path / "ds1.json", micro=2, accum=2, stage=resume_stage)
     common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + TINY
     run_pretrain(["--run_dir", str(tmp_path / "whole"), "--deepspeed_config", str(ds2)] + common,
                  launcher="deepspeed", nproc=2)
@@ -149,7 +152,8 @@ def test_two_ranks_saved_one_rank_resumes(tmp_path):
     shutil.copytree(tmp_path / "whole", run)
     shutil.rmtree(run / "checkpoints" / "step_00000008")
     (run / "checkpoints" / "latest").write_text("step_00000004\n")
-    run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common)
+    run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common,
+                 launcher=launcher, nproc=1)
     got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
     np.testing.assert_allclose([got[s] for s in range(5, STEPS + 1)],
                                [want[s] for s in range(5, STEPS + 1)], rtol=0, atol=1e-5)

@@ -86,7 +86,7 @@ class SingleEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    owns_optimizer_checkpoint = False
+    zero_partitions_state = False
 
 
 def shard_model(model, ds_config: dict, ctx: DistContext):
@@ -118,6 +118,11 @@ class FSDPEngine(SingleEngine):
         self.module.set_requires_gradient_sync(last_micro_batch)  # reduce once per step
 
 
+STAGE_MEANING = {0: "states replicated, gradients all-reduced",
+                 1: "each block's state on one owner rank, gradients all-reduced",
+                 2: "each block's state and reduced gradient on one owner rank"}
+
+
 class DeepSpeedEngine:
     """`deepspeed.initialize` with our optimizer and LR schedule as client objects."""
 
@@ -137,10 +142,12 @@ class DeepSpeedEngine:
             if bf16_enabled(ds):  # keep fp32 weights (the master copy) and compute in bf16
                 ds["bf16"] = {"enabled": False}
                 self.autocast = True
+            optimizer.zero_stage = stage  # realised by the owner partition, per block
             if ctx.is_main:
-                log.info("block optimizer: DeepSpeed engine runs at ZeRO stage 0 (requested %d); "
-                         "gradient reduction and clipping (%.3g) are done by the optimizer over "
-                         "the selected blocks", stage, float(ds_config.get("gradient_clipping", 0)))
+                log.info("block optimizer: DeepSpeed engine runs at ZeRO stage 0; the requested "
+                         "stage %d is realised per selected block by the optimizer (%s); it also "
+                         "reduces and clips (%.3g) the selected gradients", stage, STAGE_MEANING[min(stage, 2)],
+                         float(ds_config.get("gradient_clipping", 0)))
         self.zero_stage = ds["zero_optimization"].get("stage", 0) if "zero_optimization" in ds else 0
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
@@ -176,17 +183,48 @@ class DeepSpeedEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     @property
-    def owns_optimizer_checkpoint(self) -> bool:
-        """Dense AdamW under ZeRO 1/2: the state is DeepSpeed's flat partitions, which only
-        DeepSpeed's own checkpoint format can save (resume at the same world size)."""
+    def zero_partitions_state(self) -> bool:
+        """Dense AdamW under ZeRO 1/2: the state lives in DeepSpeed's flat fp32 partitions."""
         return self.zero_stage > 0 and not self.syncs_grads
 
-    def save_engine_state(self, directory) -> None:
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="zero", save_latest=False)
+    def full_optimizer_state(self) -> dict:
+        """Collective: ZeRO's partitioned AdamW state gathered per parameter (DeepSpeed's
+        tensor-fragment API) into torch's full, name-keyed optimizer state dict, the format
+        torch.distributed.checkpoint's get_optimizer_state_dict gives for the other backends, so
+        a checkpoint resumes at any world size and under any backend."""
+        from deepspeed.utils import safe_get_full_optimizer_state
 
-    def load_engine_state(self, directory) -> None:
-        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="zero",
-                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        zero = self.engine.optimizer
+        steps = [st["step"] for st in zero.optimizer.state.values() if "step" in st]
+        named = list(self.module.named_parameters())
+        state = {}
+        if steps:  # nothing before the first step, as torch's lazily built state
+            for name, p in named:
+                state[name] = {"step": steps[0].detach().clone().cpu()}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[name][key] = safe_get_full_optimizer_state(p, key).detach().cpu().view_as(p)
+        group = {k: v for k, v in zero.param_groups[0].items() if k != "params"}
+        return {"state": state, "param_groups": [{**group, "params": [n for n, _ in named]}]}
+
+    def load_full_optimizer_state(self, full: dict) -> None:
+        """Inverse of full_optimizer_state, at this run's world size: ZeRO's fp32 master copy is
+        refreshed from the (already restored) model weights and each rank writes its own
+        fragment of every state tensor; no communication."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        zero = self.engine.optimizer
+        zero.refresh_fp32_params()  # the master copy follows the restored weights
+        if not full["state"]:
+            return
+        step = next(iter(full["state"].values()))["step"]
+        for flat in zero.single_partition_of_fp32_groups:  # torch builds state lazily: build it now
+            zero.optimizer.state[flat] = {"step": step.detach().clone().to(torch.float32),
+                                          "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()  # point each parameter at its fragments
+        for name, p in self.module.named_parameters():
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, full["state"][name][key].to(self.device).reshape(-1), key)
 
 
 ENGINES = {"deepspeed": DeepSpeedEngine, "single": SingleEngine, "fsdp": FSDPEngine}
