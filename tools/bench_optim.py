@@ -44,12 +44,12 @@ MODES = {  # optimizer config and the ZeRO stage DeepSpeed runs it at
     "zero1": ({"name": "adamw"}, 1),
     "zero2": ({"name": "adamw"}, 2),
     "galore_torch": ({"name": "adamw"}, 0),  # replaced by galore-torch's GaLoreAdamW below
-    "galore": ({"name": "galore"}, 0),
-    "gradnorm_lorp": ({"name": "gradnorm_lorp"}, 0),
-    "block": ({"name": "block"}, 0),
-    "block_galore": ({"name": "block", "projection": "galore"}, 0),
-    "block_galore_8bit": ({"name": "block", "projection": "galore", "eight_bit": True}, 0),
-    "block_gradnorm_lorp": ({"name": "block", "projection": "gradnorm_lorp"}, 0),
+    "galore": ({"name": "galore"}, 2),
+    "gradnorm_lorp": ({"name": "gradnorm_lorp"}, 2),
+    "block": ({"name": "block"}, 2),
+    "block_galore": ({"name": "block", "projection": "galore"}, 2),
+    "block_galore_8bit": ({"name": "block", "projection": "galore", "eight_bit": True}, 2),
+    "block_gradnorm_lorp": ({"name": "block", "projection": "gradnorm_lorp"}, 2),
 }
 
 
@@ -98,7 +98,7 @@ def run_mode(mode: str, args) -> dict:
     ds = {"train_micro_batch_size_per_gpu": args.micro // world, "gradient_accumulation_steps": 1,
           "gradient_clipping": 1.0, "bf16": {"enabled": False}, "zero_optimization": {"stage": stage},
           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-    use_ds = world > 1 or stage > 0
+    use_ds = world > 1 or (stage > 0 and not syncs)  # one rank: the block modes need no engine
     engine = (DeepSpeedEngine if use_ds else SingleEngine)(model, optimizer, scheduler, ds, ctx, syncs)
     loader = TrainWindowLoader(c4_source("local", None), tok, args.seq_len, args.micro // world, 1, rank, world)
     steady, selection, svd, losses = [], [], [], []

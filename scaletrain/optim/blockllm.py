@@ -11,9 +11,13 @@ no memory and no communication. The pieces:
   BlockOptimizer     a torch.optim.Optimizer composing them with a per-block update rule
                      (update_rules: AdamW, GaLore or GradNormLoRP; fp32 or 8-bit moments)
 
-Per step (ZeRO-2 semantics at block granularity): each selected block's gradient is reduced to
-its owner only, the owner clips and updates it with the Adam state that only it holds, and the
-new values are broadcast from the owner. Frozen blocks send nothing.
+Per step, at the ZeRO stage the ds_config asks for, realised at block granularity (`zero_stage`):
+  2 (default): each selected block's gradient is reduced to its owner only (non-owners then drop
+     it), the owner clips and updates it with the state only it holds, and broadcasts the values;
+  1: gradients of the selected blocks are all-reduced, the state is still on the owner only,
+     which updates and broadcasts;
+  0: gradients all-reduced, every rank holds every selected block's state and updates it (DDP).
+Frozen blocks send nothing at any stage.
 
 Selection statistic: in a selection pass every candidate requires grad for one forward/backward;
 a post-accumulate-grad hook adds the squared norm of each micro-batch's gradient to a per-block
@@ -160,6 +164,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                                proj_scale=proj_scale, svd=svd, proj_patterns=tuple(proj_patterns),
                                eight_bit=eight_bit)
         self.select_all = select_all
+        self.zero_stage = 2  # the engine sets the ds_config's stage (see the module docstring)
         self.selected: list[str] = []
         self.owners: dict[str, int] = {}
         self.block_state: dict[str, dict] = {}  # only for the blocks this rank owns
@@ -197,9 +202,12 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
 
+    def holds(self, name: str) -> bool:
+        """Whether this rank keeps (and updates) the block's state: its owner, or all at stage 0."""
+        return self.zero_stage == 0 or self._world() == 1 or self.owners[name] == self._rank()
+
     def owned(self) -> list[str]:
-        rank = self._rank()
-        return [n for n in self.selected if self.owners[n] == rank]
+        return [n for n in self.selected if self.holds(n)]
 
     # ------------------------------------------------------------------ selection
     def wants_selection(self, step: int) -> bool:
@@ -281,8 +289,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         moved = {}
         for name in kept:
             src, dst = old_owners[name], self.owners[name]
-            if src == dst or rank not in (src, dst):
-                continue
+            if self.zero_stage == 0 or src == dst or rank not in (src, dst):
+                continue  # (at stage 0 every rank already holds every kept state)
             peer = self._global_rank(dst if rank == src else src)
             block = self.block_by_name[name]
             st = self.block_state[name] if rank == src else self.rule.new_state(block, self._weight(block))
@@ -295,8 +303,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 for key, value in zip(sorted(k for k in st if not torch.is_tensor(st[k])), numbers.tolist()):
                     st[key] = value
                 moved[name] = st
-        self.block_state = {n: s for n, s in self.block_state.items()
-                            if n in kept and self.owners[n] == rank}
+        self.block_state = {n: s for n, s in self.block_state.items() if n in kept and self.holds(n)}
         self.block_state.update(moved)
         for st in self.block_state.values():
             if "proj_stale" in st:
@@ -348,6 +355,24 @@ class BlockOptimizer(torch.optim.Optimizer):
             sent += (world - 1) * flat.numel() * flat.element_size() // world
         return sent
 
+    def _all_reduce(self, grads: list[torch.Tensor]) -> int:
+        """Average gradients on every rank (stages 0 and 1); bytes as a ring all-reduce sends."""
+        world, sent = self._world(), 0
+        for bucket in self._buckets(grads):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=self.group)
+            flat /= world
+            _unflatten_into(flat, bucket)
+            sent += 2 * (world - 1) * flat.numel() * flat.element_size() // world
+        return sent
+
+    def _drop_unowned_grads(self, mine: list[Block]) -> None:
+        """Stage 2: once reduced to its owner, a gradient no other rank needs is released."""
+        keep = {b.param for b in mine}
+        for b in (self.block_by_name[n] for n in self.selected):
+            if b.param not in keep:
+                self.params[b.param].grad = None
+
     def _broadcast_from_owner(self, weights: list[torch.Tensor], owner: int) -> int:
         world, sent = self._world(), 0
         for bucket in self._buckets(weights):
@@ -369,15 +394,19 @@ class BlockOptimizer(torch.optim.Optimizer):
         world, rank = self._world(), self._rank()
         blocks = [self.block_by_name[n] for n in self.selected if self._grad(self.block_by_name[n]) is not None]
         by_owner = {r: [b for b in blocks if self.owners[b.name] == r] for r in range(world)}
+        sharded = world > 1 and self.zero_stage > 0
         sent = 0
-        if world > 1:
+        if world > 1 and self.zero_stage == 2:
             for owner, owned in by_owner.items():
                 sent += self._reduce_to_owner([self._grad(b) for b in owned], owner)
-        mine = by_owner[rank]
+            self._drop_unowned_grads(by_owner[rank])
+        elif world > 1:
+            sent += self._all_reduce([self._grad(b) for b in blocks])
+        mine = by_owner[rank] if sharded else blocks
         grads = [self._grad(b) for b in mine]
         sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=self.device)
         sq = sq.reshape(1).double()
-        if world > 1:
+        if sharded:
             dist.all_reduce(sq, group=self.group)  # the global norm over all selected blocks
         norm = sq.sqrt().float()[0]
         self.last_grad_norm = float(norm)
@@ -391,7 +420,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             if b.name not in self.block_state:
                 self.block_state[b.name] = self.rule.new_state(b, weight)
             self.rule.update(b, weight, grad, self.block_state[b.name], hyper)
-        if world > 1:
+        if sharded:
             for owner, owned in by_owner.items():
                 sent += self._broadcast_from_owner([self._weight(b) for b in owned], owner)
         self.wire_bytes_last_step = sent

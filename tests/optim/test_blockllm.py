@@ -188,12 +188,13 @@ def train_block_at(opt, model, micro, step):
     return [loss.item()]
 
 
-def _ranked_run(world, steps, keep_state=False):
+def _ranked_run(world, steps, keep_state=False, stage=2):
     """Each rank trains on its slice of the same global batches (micro-batches k*W + r)."""
     rank = dist.get_rank()
     model = tiny_llama()
     opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=7,
                          keep_state_on_reselect=keep_state, debug_checks=True)
+    opt.zero_stage = stage
     per_rank = [[step[k * world + rank] for k in range(len(step) // world)]
                 for step in global_batches(steps, 12)]
     losses = train_block(opt, model, per_rank)
@@ -220,24 +221,28 @@ def one_rank_result():
     return _one_rank(keep_state=False)
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_selection_and_losses_match_one_rank(ranks, one_rank_result, world):
-    results = ranks(_ranked_run, world, world, 20)
+@pytest.mark.parametrize("world,stage", [(2, 2), (3, 2), (4, 2), (3, 1), (3, 0)])
+def test_selection_and_losses_match_one_rank(ranks, one_rank_result, world, stage):
+    results = ranks(_ranked_run, world, world, 20, False, stage)
     ref = one_rank_result
     assert len(ref["history"]) == 3  # steps 0, 7, 14: reselection is covered
     for r in results:
         assert r["history"] == ref["history"]  # same blocks, same order, every selection
         assert max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])) <= 1e-5
-    # the owners' broadcasts leave every rank with bit-identical weights
+    # every rank ends with bit-identical weights (owners' broadcasts; identical updates at stage 0)
     assert len({r["weights_sha"] for r in results}) == 1
-    # ZeRO for selected blocks: each block's state on exactly one rank, bytes add up, balanced
     owned = [name for r in results for name in r["owned"]]
-    assert sorted(owned) == ref["owned"]
-    assert sum(r["state_bytes"] for r in results) == ref["state_bytes"]
-    assert max(r["state_bytes"] for r in results) <= ref["state_bytes"] / world + ref["largest_state"]
-    # wire bytes, by hand: reduce-to-owner plus broadcast-from-owner, (W-1)/W of each buffer
-    hand = 2 * (world - 1) * results[0]["selected_grad_bytes"] / world
-    assert all(abs(r["wire"] - hand) <= 8 * world for r in results)
+    grad_bytes = results[0]["selected_grad_bytes"]
+    if stage == 0:  # DDP-like: every rank holds every selected block's state
+        assert all(r["owned"] == ref["owned"] and r["state_bytes"] == ref["state_bytes"] for r in results)
+        hand = 2 * (world - 1) * grad_bytes / world  # ring all-reduce
+    else:  # ZeRO for selected blocks: each block's state on exactly one rank, bytes add up, balanced
+        assert sorted(owned) == ref["owned"]
+        assert sum(r["state_bytes"] for r in results) == ref["state_bytes"]
+        assert max(r["state_bytes"] for r in results) <= ref["state_bytes"] / world + ref["largest_state"]
+        # stage 2: reduce-to-owner + broadcast, (W-1)/W of each buffer each; stage 1: all-reduce + broadcast
+        hand = (2 if stage == 2 else 3) * (world - 1) * grad_bytes / world
+    assert all(abs(r["wire"] - hand) <= 8 * world for r in results), ([r["wire"] for r in results], hand)
 
 
 def test_kept_state_moves_to_its_new_owner(ranks):
