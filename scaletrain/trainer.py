@@ -111,11 +111,11 @@ def optimizer_state_bytes(optimizer) -> int:
                for t in s.values() if torch.is_tensor(t))
 
 
-def selection_pass(module, optimizer, batches: list[torch.Tensor], device) -> None:
+def selection_pass(engine, optimizer, batches: list[torch.Tensor], device) -> None:
     """One backward with every block trainable, to measure fresh gradient norms for selection."""
-    with optimizer.selection_pass():
+    with optimizer.selection_pass(engine.grad_leaves()):
         for mb in batches:
-            causal_lm_loss(module, mb.to(device)).backward()
+            causal_lm_loss(engine.module, mb.to(device)).backward()
 
 
 def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
@@ -220,7 +220,7 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
         batches = loader.next_step()
         t0 = time.perf_counter()
         if is_block and optimizer.wants_selection(step):
-            selection_pass(engine.module, optimizer, batches, ctx.device)
+            selection_pass(engine, optimizer, batches, ctx.device)
         loss = all_reduce_mean(engine.train_step(batches), ctx)
         if is_block:
             optimizer.record_loss(loss)

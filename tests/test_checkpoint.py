@@ -159,18 +159,24 @@ def test_two_ranks_saved_one_rank_resumes(tmp_path, save_stage, resume_stage, la
                                [want[s] for s in range(5, STEPS + 1)], rtol=0, atol=1e-5)
 
 
-def test_fsdp2_checkpoint_resumes_under_deepspeed_on_one_rank(tmp_path):
-    ds2 = write_ds_config(tmp_path / "ds2.json", micro=2, accum=1)
-    ds1 = write_ds_config(tmp_path / "ds1.json", micro=2, accum=2)
-    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + TINY
+@pytest.mark.parametrize("optim,resume", [([], ["--backend", "deepspeed"]), (BLOCK, ["--backend", "fsdp"]),
+                                          (BLOCK, ["--backend", "deepspeed"])],
+                         ids=["adamw_to_deepspeed_1", "block_to_fsdp_3", "block_to_deepspeed_1"])
+def test_fsdp2_checkpoint_resumes_elsewhere(tmp_path, optim, resume):
+    """Saved under FSDP2 at 2 ranks (the block state gathered from row shards), resumed under
+    DeepSpeed at 1 rank or under FSDP2 at 3 (re-split unevenly); same global batch of 6."""
+    ds2 = write_ds_config(tmp_path / "ds2.json", micro=1, accum=3)
+    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + optim + TINY
     run_pretrain(["--run_dir", str(tmp_path / "whole"), "--backend", "fsdp", "--deepspeed_config",
                   str(ds2)] + common, launcher="torchrun", nproc=2)
     run = tmp_path / "moved"
     shutil.copytree(tmp_path / "whole", run)
     shutil.rmtree(run / "checkpoints" / "step_00000008")
     (run / "checkpoints" / "latest").write_text("step_00000004\n")
-    run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common,
-                 launcher="deepspeed", nproc=1)
+    nproc = 3 if "fsdp" in resume else 1
+    ds = write_ds_config(tmp_path / "dsn.json", micro=1, accum=6 // nproc)
+    run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds), "--resume", "auto"] + resume + common,
+                 launcher="torchrun" if nproc > 1 else "deepspeed", nproc=nproc)
     got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
     np.testing.assert_allclose([got[s] for s in range(5, STEPS + 1)],
                                [want[s] for s in range(5, STEPS + 1)], rtol=0, atol=1e-5)

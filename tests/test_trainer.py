@@ -113,14 +113,21 @@ def test_dense_galore_run_keeps_projected_state(tmp_path):
     assert last["loss"] < read_metrics(tmp_path / "run")[0]["loss"]
 
 
+@pytest.mark.parametrize("optim", [[], BLOCK + ["--optim.keep_state_on_reselect", "true"]], ids=["adamw", "block"])
 @pytest.mark.parametrize("nproc", [2, 3])
-def test_fsdp2_matches_one_rank(tmp_path, nproc):
-    """FSDP2 (fully_shard) under torchrun; 3 ranks shard unevenly. Same global batch as 1 rank."""
+def test_fsdp2_matches_one_rank(tmp_path, nproc, optim):
+    """FSDP2 (fully_shard) under torchrun; 3 ranks shard unevenly. Same global batch as 1 rank.
+    With the block optimizer each rank updates its row shard of each selected block."""
     ref = tmp_path / "ref"
     run_pretrain(["--run_dir", str(ref), "--deepspeed_config",
                   str(write_ds_config(tmp_path / "ds1.json", micro=2, accum=nproc)),
-                  "--train.steps", "8"] + TINY)
+                  "--train.steps", "8"] + TINY + optim)
     ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1)
     run_pretrain(["--run_dir", str(tmp_path / "run"), "--backend", "fsdp", "--deepspeed_config",
-                  str(ds), "--train.steps", "8"] + TINY, launcher="torchrun", nproc=nproc)
+                  str(ds), "--train.steps", "8"] + TINY + optim, launcher="torchrun", nproc=nproc)
     np.testing.assert_allclose(losses(tmp_path / "run"), losses(ref), rtol=0, atol=1e-5)
+    if optim:
+        got, want = read_metrics(tmp_path / "run"), read_metrics(ref)
+        assert [r["selected_params"] for r in got] == [r["selected_params"] for r in want]
+        # ZeRO-3 for the selected blocks: the state is split by rows over the ranks
+        assert got[-1]["optim_state_bytes"] < want[-1]["optim_state_bytes"] / nproc + 8 * 4096

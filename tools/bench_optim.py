@@ -1,7 +1,7 @@
 """Optimizer benchmark: state bytes, step time, wire bytes and memory per mode, same model and data.
 
     python tools/bench_optim.py --preset llama_60m --modes adamw,block --steps 20 --json out.json
-    python tools/bench_optim.py --preset llama_60m --modes adamw,zero1,zero2,block --nproc 2
+    python tools/bench_optim.py --preset llama_60m --modes adamw,zero1,zero2,block --nproc 1,2,4
 
 Each mode runs on `--nproc` fresh gloo ranks (so peak RSS is that mode's own), one mode after
 another, on the same global batch and initial weights. adamw/zero1/zero2 are torch AdamW inside
@@ -109,7 +109,7 @@ def run_mode(mode: str, args) -> dict:
         selecting = hasattr(optimizer, "wants_selection") and optimizer.wants_selection(step)
         refits_before = refits(optimizer)
         if selecting:
-            selection_pass(engine.module, optimizer, batches, ctx.device)
+            selection_pass(engine, optimizer, batches, ctx.device)
         losses.append(engine.train_step(batches))
         if hasattr(optimizer, "record_loss"):
             optimizer.record_loss(losses[-1])
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--micro", type=int, default=4, help="global micro-batch, split over --nproc ranks")
-    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--nproc", default="1", help="ranks, or a list (1,2,4): each mode at each size")
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--density", type=float, default=0.05)
@@ -155,22 +155,27 @@ def main(argv=None) -> dict:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         p.error(f"unknown mode(s) {unknown}; choose from {sorted(MODES)}")
-    if args.micro % args.nproc:
-        p.error("--micro (the global micro-batch) must be divisible by --nproc")
-    results = {mode: run_ranks(run_mode, args.nproc, mode, args)[0] for mode in modes}
-    base = results.get("adamw")
-    for r in results.values():
-        r["step_time_ratio"] = r["step_time_s"] / base["step_time_s"] if base else None
+    sizes = [int(n) for n in str(args.nproc).split(",")]
+    if any(args.micro % n for n in sizes):
+        p.error("--micro (the global micro-batch) must be divisible by every --nproc")
+    results = {}
+    for world in sizes:
+        at = {mode: run_ranks(run_mode, world, mode, args)[0] for mode in modes}
+        base = at.get("adamw")
+        for mode, r in at.items():
+            r["nproc"] = world
+            r["step_time_ratio"] = r["step_time_s"] / base["step_time_s"] if base else None
+            results[mode if len(sizes) == 1 else f"{mode}@{world}"] = r
     print(f"{args.preset}, global micro-batch {args.micro} x {args.seq_len}, fp32, {args.nproc} rank(s), "
-          f"{args.steps} steps, {args.threads} threads")
-    print(f"{'mode':<20}{'state B/param':>14}{'max/rank MiB':>13}{'step s':>8}{'ratio':>7}{'select s':>9}"
+          f"{args.steps} steps, {args.threads} threads; ratios to adamw at the same rank count")
+    print(f"{'mode':<22}{'state B/param':>14}{'max/rank MiB':>13}{'step s':>8}{'ratio':>7}{'select s':>9}"
           f"{'svd s':>7}{'wire/DDP':>9}{'peak RSS MiB':>13}{'loss':>8}")
     for mode, r in results.items():
         sel = f"{r['selection_step_time_s']:.3f}" if r["selection_step_time_s"] else "-"
         svd = f"{r['svd_step_time_s']:.3f}" if r["svd_step_time_s"] else "-"
         ratio = f"{r['step_time_ratio']:.3f}" if r["step_time_ratio"] else "-"
         wire = f"{r['wire_bytes_ratio']:.4f}" if r["wire_bytes_ratio"] is not None else "-"
-        print(f"{mode:<20}{r['state_bytes_per_param']:>14.4f}{r['state_bytes_per_rank_max'] / 2**20:>13.1f}"
+        print(f"{mode:<22}{r['state_bytes_per_param']:>14.4f}{r['state_bytes_per_rank_max'] / 2**20:>13.1f}"
               f"{r['step_time_s']:>8.3f}{ratio:>7}{sel:>9}{svd:>7}{wire:>9}{r['peak_mem_bytes'] / 2**20:>13.0f}"
               f"{r['final_loss']:>8.4f}")
     out = {"args": vars(args), "modes": results}

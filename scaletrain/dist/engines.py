@@ -88,6 +88,9 @@ class SingleEngine:
 
     zero_partitions_state = False
 
+    def grad_leaves(self) -> dict[str, torch.Tensor] | None:
+        return None  # the parameters themselves
+
 
 def shard_model(model, ds_config: dict, ctx: DistContext):
     """FSDP2: shard each decoder layer, then the root (embedding, final norm, head)."""
@@ -108,14 +111,24 @@ class FSDPEngine(SingleEngine):
 
     def __init__(self, model, optimizer, scheduler, ds_config: dict, ctx: DistContext,
                  syncs_grads: bool):
-        if syncs_grads:
-            raise NotImplementedError("the block optimizer does not run under --backend fsdp yet; "
-                                      "use --backend deepspeed")
         super().__init__(model, optimizer, scheduler, ds_config, ctx, syncs_grads)
         self.autocast = False  # FSDP's MixedPrecisionPolicy casts instead
 
     def _sync_grads(self, last_micro_batch: bool) -> None:
         self.module.set_requires_gradient_sync(last_micro_batch)  # reduce once per step
+
+    def grad_leaves(self) -> dict[str, torch.Tensor]:
+        """The unsharded parameters autograd accumulates into (FSDP2 creates them at the first
+        all-gather and reuses them): all-gathered once here, through the public unshard()."""
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
+        for m in modules:
+            m.unshard()
+        leaves = dict(self.module.named_parameters())
+        for m in modules:
+            m.reshard()
+        return leaves
 
 
 STAGE_MEANING = {0: "states replicated, gradients all-reduced",
@@ -181,6 +194,9 @@ class DeepSpeedEngine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def grad_leaves(self) -> dict[str, torch.Tensor] | None:
+        return None  # the parameters themselves
 
     @property
     def zero_partitions_state(self) -> bool:

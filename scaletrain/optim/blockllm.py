@@ -37,6 +37,7 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from scaletrain.optim.update_rules import Hyper, build_rule
 
@@ -151,6 +152,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         named = list(named_params)
         super().__init__([p for _, p in named], dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.params = dict(named)
+        # FSDP2 (fully_shard): parameters are DTensors sharded by rows; each rank updates its rows
+        # of every selected block (ZeRO-3 for the selected blocks) and FSDP reduces gradients
+        self.fsdp = any(isinstance(p, DTensor) for p in self.params.values())
         self.n_params = sum(p.numel() for p in self.params.values())
         self.blocks, self.budget = partition_blocks(((n, p.shape) for n, p in named),
                                                     tuple(frozen_patterns), density, max_block_fraction)
@@ -204,7 +208,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def holds(self, name: str) -> bool:
         """Whether this rank keeps (and updates) the block's state: its owner, or all at stage 0."""
-        return self.zero_stage == 0 or self._world() == 1 or self.owners[name] == self._rank()
+        return self.fsdp or self.zero_stage == 0 or self._world() == 1 or self.owners[name] == self._rank()
 
     def owned(self) -> list[str]:
         return [n for n in self.selected if self.holds(n)]
@@ -224,9 +228,14 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.losses_since_selection.append(float(loss))
 
     @contextlib.contextmanager
-    def selection_pass(self):
+    def selection_pass(self, grad_leaves: dict[str, torch.Tensor] | None = None):
         """Inside: every candidate parameter requires grad and its gradient is reduced to squared
-        block norms as soon as it is accumulated. On exit: one all-reduce, then the new selection."""
+        block norms as soon as it is accumulated. On exit: one all-reduce, then the new selection.
+
+        grad_leaves: the tensors autograd accumulates into, where they are not the parameters
+        themselves (FSDP2's unsharded parameters): hooked there, each rank sees its own
+        micro-batch's full gradient before any reduction, as on the other backends, and freeing it
+        leaves FSDP nothing to reduce-scatter."""
         t0 = time.perf_counter()
         index = {b.name: i for i, b in enumerate(self.blocks)}
         sq_norms = torch.zeros(len(self.blocks), dtype=torch.float64)
@@ -248,7 +257,9 @@ class BlockOptimizer(torch.optim.Optimizer):
             p = self.params[name]
             p.requires_grad_(True)
             p.grad = None
-            handles.append(p.register_post_accumulate_grad_hook(hook_for(blocks)))
+            leaf = p if grad_leaves is None else grad_leaves[name]
+            leaf.requires_grad_(True)  # (FSDP2 syncs it from the parameter at each all-gather too)
+            handles.append(leaf.register_post_accumulate_grad_hook(hook_for(blocks)))
         try:
             yield
         finally:
@@ -289,8 +300,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         moved = {}
         for name in kept:
             src, dst = old_owners[name], self.owners[name]
-            if self.zero_stage == 0 or src == dst or rank not in (src, dst):
-                continue  # (at stage 0 every rank already holds every kept state)
+            if self.fsdp or self.zero_stage == 0 or src == dst or rank not in (src, dst):
+                continue  # (FSDP, stage 0: every rank already holds its part of every kept state)
             peer = self._global_rank(dst if rank == src else src)
             block = self.block_by_name[name]
             st = self.block_state[name] if rank == src else self.rule.new_state(block, self._weight(block))
@@ -321,15 +332,33 @@ class BlockOptimizer(torch.optim.Optimizer):
             raise RuntimeError("ranks selected different blocks: selection is not deterministic")
 
     # ------------------------------------------------------------------ update
+    def _local_rows(self, b: Block) -> tuple[int, int, int]:
+        """(first, last) rows of block b held here, and the offset of the local tensor: the whole
+        block off FSDP; under FSDP2 the block's rows that fall in this rank's Shard(0) chunk
+        (torch.chunk sizes: ceil(rows / W) per rank)."""
+        rows = self.params[b.param].shape[0]
+        a, z = b.rows or (0, rows)
+        if not self.fsdp:
+            return a, z, 0
+        chunk = math.ceil(rows / self._world())
+        start = min(self._rank() * chunk, rows)
+        end = min(start + chunk, rows)
+        return max(a, start), min(z, end), start
+
+    def _local(self, b: Block, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, DTensor):
+            t = t.to_local()  # aliases the shard: in-place updates reach the parameter
+        lo, hi, offset = self._local_rows(b)
+        if b.rows is None and not self.fsdp:
+            return t
+        return t[lo - offset:hi - offset]
+
     def _grad(self, b: Block) -> torch.Tensor | None:
         g = self.params[b.param].grad
-        if g is None or b.rows is None:
-            return g
-        return g[b.rows[0]:b.rows[1]]
+        return None if g is None else self._local(b, g)
 
     def _weight(self, b: Block) -> torch.Tensor:
-        w = self.params[b.param].data
-        return w if b.rows is None else w[b.rows[0]:b.rows[1]]  # a view: updates land in place
+        return self._local(b, self.params[b.param].data)  # a view: updates land in place
 
     @staticmethod
     def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -394,9 +423,11 @@ class BlockOptimizer(torch.optim.Optimizer):
         world, rank = self._world(), self._rank()
         blocks = [self.block_by_name[n] for n in self.selected if self._grad(self.block_by_name[n]) is not None]
         by_owner = {r: [b for b in blocks if self.owners[b.name] == r] for r in range(world)}
-        sharded = world > 1 and self.zero_stage > 0
+        sharded = world > 1 and self.zero_stage > 0 and not self.fsdp
         sent = 0
-        if world > 1 and self.zero_stage == 2:
+        if self.fsdp:
+            pass  # FSDP reduce-scattered (averaged) the selected gradients in backward
+        elif world > 1 and self.zero_stage == 2:
             for owner, owned in by_owner.items():
                 sent += self._reduce_to_owner([self._grad(b) for b in owned], owner)
             self._drop_unowned_grads(by_owner[rank])
@@ -406,7 +437,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         grads = [self._grad(b) for b in mine]
         sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=self.device)
         sq = sq.reshape(1).double()
-        if sharded:
+        if sharded or (self.fsdp and world > 1):
             dist.all_reduce(sq, group=self.group)  # the global norm over all selected blocks
         norm = sq.sqrt().float()[0]
         self.last_grad_norm = float(norm)
@@ -416,6 +447,8 @@ class BlockOptimizer(torch.optim.Optimizer):
                 g.mul_(coef)
         hyper = Hyper(lr, beta1, beta2, eps, wd)
         for b, grad in zip(mine, grads):
+            if grad.numel() == 0:
+                continue  # FSDP: none of this block's rows live on this rank
             weight = self._weight(b)
             if b.name not in self.block_state:
                 self.block_state[b.name] = self.rule.new_state(b, weight)
@@ -448,9 +481,11 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """Tensors and plain numbers/strings only, keyed by block name (weights_only loadable)."""
+        """Tensors and plain numbers/strings only, keyed by block name (weights_only loadable).
+        Under FSDP2 this is collective: the row shards of each block's state are gathered and
+        rank 0 returns them whole (the other ranks none), so any backend and size can resume."""
         return {
-            "blocks": {n: dict(s) for n, s in self.block_state.items()},
+            "blocks": self._gathered_fsdp_state() if self.fsdp else {n: dict(s) for n, s in self.block_state.items()},
             "selected": list(self.selected),
             "owners": dict(self.owners),  # at the saving world size; recomputed on load
             "visits": dict(self.selector.visits),
@@ -459,6 +494,42 @@ class BlockOptimizer(torch.optim.Optimizer):
             "last_selection_step": self.last_selection_step,
             "lr": self.param_groups[0]["lr"],
         }
+
+    def _rows_of_rank(self, b: Block, rank: int) -> int:
+        rows = self.params[b.param].shape[0]
+        a, z = b.rows or (0, rows)
+        chunk = math.ceil(rows / self._world())
+        start, end = min(rank * chunk, rows), min(rank * chunk + chunk, rows)
+        return max(0, min(z, end) - max(a, start))
+
+    def _gathered_fsdp_state(self) -> dict:
+        """Each selected block's state with its row shards concatenated (FSDP2, collective)."""
+        world, full = self._world(), {}
+        for name in sorted(self.selected):
+            b = self.block_by_name[name]
+            st = self.block_state.get(name) or self.rule.new_state(b, self._weight(b))  # no rows here
+            step = torch.tensor([float(st["step"])], dtype=torch.float64, device=self.device)
+            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.group)  # 0 where a rank has no rows
+            rows = [self._rows_of_rank(b, r) for r in range(world)]
+            out = {"step": step.item()}
+            for key in sorted(k for k in st if torch.is_tensor(st[k])):
+                local = st[key]
+                padded = torch.zeros((max(rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
+                padded[: local.shape[0]] = local
+                parts = [torch.empty_like(padded) for _ in range(world)]
+                dist.all_gather(parts, padded, group=self.group)
+                out[key] = torch.cat([part[:n] for part, n in zip(parts, rows)]).cpu()
+            if self._rank() == 0:
+                full[name] = out
+        return full
+
+    def _local_state(self, b: Block, st: dict) -> dict:
+        """This rank's rows of a whole saved state (FSDP2), or the state itself."""
+        if not self.fsdp:
+            return dict(st)
+        lo, hi, _ = self._local_rows(b)
+        a = b.rows[0] if b.rows else 0
+        return {k: (v[lo - a:hi - a].clone().to(self.device) if torch.is_tensor(v) else v) for k, v in st.items()}
 
     def load_state_dict(self, state: dict) -> None:
         unknown = set(state["selected"]) - set(self.block_by_name)
@@ -475,7 +546,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         missing = [n for n in self.owned() if n not in state["blocks"]]
         if missing:
             raise ValueError(f"saved optimizer state lacks blocks this rank now owns: {missing[:3]}")
-        self.block_state = {n: dict(state["blocks"][n]) for n in self.owned()}
+        self.block_state = {n: self._local_state(self.block_by_name[n], state["blocks"][n]) for n in self.owned()}
         trained = {self.block_by_name[n].param for n in self.selected}
         for name, p in self.params.items():
             p.requires_grad_(name in trained)
