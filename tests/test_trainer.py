@@ -1,5 +1,6 @@
 """End-to-end runs of launch/pretrain.py under real launchers (real processes over gloo)."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +16,14 @@ def one_rank_reference(tmp_path_factory):
     return losses(one_rank_reference_run(tmp_path_factory.mktemp("ref"), STEPS))
 
 
+def _deepspeed_shm_buffers() -> set:
+    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+
+
 def test_deepspeed_launcher_end_to_end(tmp_path):
     ds = write_ds_config(tmp_path / "ds.json", micro=4, accum=1)
     run_dir = tmp_path / "run"
+    shm_before = _deepspeed_shm_buffers()
     run_pretrain(["--run_dir", str(run_dir), "--deepspeed_config", str(ds), "--train.steps", "30",
                   "--train.eval_every", "15"] + TINY, launcher="deepspeed", nproc=1)
     rows = read_metrics(run_dir)
@@ -34,6 +40,8 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
                 "skipped_data_lines"}
     assert contract <= set(rows[-1])
     assert rows[-1]["optim_state_bytes"] >= 8 * rows[-1]["n_params"]  # fp32 AdamW: two moments
+    # DeepSpeed's CPU shared-memory all-reduce leaks its /dev/shm buffers; we never start it
+    assert _deepspeed_shm_buffers() <= shm_before
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

@@ -27,6 +27,11 @@ MODES: dict[str, list[str]] = {
     "block_resel50": ["--optim.name", "block", "--optim.reselect_every", "50"],
     "block_embed_resel50": ["--optim.name", "block", "--optim.frozen_patterns", "[]",
                             "--optim.reselect_every", "50"],
+    # low-rank modes; rank 32 at llama_9m's width 128 is GaLore's rank/width of 128/512 at llama_60m
+    "galore": ["--optim.name", "galore", "--optim.rank", "32"],
+    "block_embed_resel50_galore_8bit": ["--optim.name", "block", "--optim.frozen_patterns", "[]",
+                                        "--optim.reselect_every", "50", "--optim.projection", "galore",
+                                        "--optim.rank", "32", "--optim.eight_bit", "true"],
 }
 
 

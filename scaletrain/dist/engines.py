@@ -143,6 +143,9 @@ class DeepSpeedEngine:
                  syncs_grads: bool):
         import deepspeed
 
+        from scaletrain.dist.runtime import skip_deepspeed_shm_allreduce
+
+        skip_deepspeed_shm_allreduce()  # (when the process group was started without DeepSpeed)
         ds = dict(ds_config)
         stage = ds.get("zero_optimization", {}).get("stage", 0)
         self.autocast = False

@@ -45,6 +45,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def skip_deepspeed_shm_allreduce() -> None:
+    """DeepSpeed's CPU backend builds a shared-memory all-reduce (used only by its inference
+    all-reduce) whose /dev/shm buffers, ~66 MB per rank, are never unlinked: every CPU run leaks
+    them until /dev/shm fills and processes are OOM-killed (deepspeedai/DeepSpeed#4115). We reduce
+    through torch.distributed, so we mark the op unavailable before DeepSpeed's backend starts."""
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(backend: str) -> DistContext:
     """Start the process group the backend needs and pick this rank's device."""
     if backend == "single":
@@ -57,6 +68,7 @@ def init_distributed(backend: str) -> DistContext:
                               MASTER_PORT=str(_free_port()))
         import deepspeed  # imported late: it is slow to import and prints on import
 
+        skip_deepspeed_shm_allreduce()
         deepspeed.init_distributed(dist_backend=_comm_backend(), auto_mpi_discovery=True,
                                    verbose=False)
     _share_cpu_threads()

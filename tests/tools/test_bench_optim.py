@@ -1,0 +1,26 @@
+"""tools/bench_optim.py end to end on a tiny preset: the JSON contract and the state figures."""
+import json
+import subprocess
+import sys
+
+from tests.launching import REPO
+
+
+def test_bench_optim_json_and_state_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "tools/bench_optim.py", "--preset", "llama_9m", "--tokenizer", "default",
+         "--modes", "adamw,galore_torch,galore,block,block_galore_8bit", "--steps", "3", "--warmup", "1",
+         "--seq_len", "32", "--rank", "32", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modes = json.loads(out.read_text())["modes"]
+    for r in modes.values():
+        for key in ("state_bytes_per_param", "state_bytes_per_rank_max", "step_time_ratio",
+                    "wire_bytes_ratio", "peak_mem_bytes", "final_loss"):
+            assert key in r, key
+    assert modes["adamw"]["state_bytes_per_param"] == 8.0 and modes["adamw"]["step_time_ratio"] == 1.0
+    # our dense GaLore keeps exactly the bytes galore-torch keeps (moments + basis), and lower than AdamW
+    assert modes["galore"]["state_bytes_per_param"] == modes["galore_torch"]["state_bytes_per_param"] < 8.0
+    assert modes["block_galore_8bit"]["state_bytes_per_param"] < modes["block"]["state_bytes_per_param"] < 0.5
+    assert "block_galore_8bit" in proc.stdout  # the printed table
