@@ -291,11 +291,6 @@ def validate(cfg: RunConfig) -> None:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"config key 'optim.name' is {cfg.optim.name!r}{hint}; "
                           f"choose one of {sorted(OPTIMIZERS)}")
-    fsdp_block_ok = cfg.optim.name == "block" and cfg.optim.projection == "none" and not cfg.optim.eight_bit
-    _check(not (cfg.backend == "fsdp" and OPTIMIZERS[cfg.optim.name].syncs_grads and not fsdp_block_ok),
-           "backend", f"fsdp runs the block optimizer with optim.projection none and optim.eight_bit "
-           f"false (each rank updates its row shard of each block); for optim.name={cfg.optim.name}, "
-           f"projection {cfg.optim.projection} or 8-bit use --backend deepspeed")
     _check(cfg.optim.rank > 0, "optim.rank", "must be positive")
     _check(cfg.optim.update_proj_gap > 0, "optim.update_proj_gap", "must be positive")
     _check(cfg.optim.proj_scale > 0, "optim.proj_scale", "must be positive")

@@ -52,7 +52,9 @@ BLOCK = ["--optim.name", "block", "--optim.density", "0.2", "--optim.reselect_ev
 # have 4,096-value moments, the smallest that are quantized
 LOWRANK_8BIT = ["--optim.rank", "32", "--optim.update_proj_gap", "3", "--optim.eight_bit", "true"]
 GRADNORM_8BIT = BLOCK + ["--optim.projection", "gradnorm_lorp"] + LOWRANK_8BIT
-GALORE_8BIT = BLOCK + ["--optim.projection", "galore"] + LOWRANK_8BIT
+# Runs compared across world sizes use plain Adam: there gradient sums differ in the last bits,
+# which can flip an 8-bit code or rotate a GaLore basis where singular values nearly tie. The
+# projected and 8-bit states' resharding is compared exactly in tests/optim/test_lowrank.py.
 
 
 @pytest.mark.parametrize("optim", [["--optim.name", "adamw"], BLOCK, GRADNORM_8BIT],
@@ -183,13 +185,13 @@ def test_fsdp2_checkpoint_resumes_elsewhere(tmp_path, optim, resume):
 
 
 GLOBAL_MICRO = 12  # divisible by 1, 2, 3 and 4 ranks at micro-batch 1
-BLOCK_RESUME = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + GALORE_8BIT + TINY
+BLOCK_RESUME = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + BLOCK + TINY
 
 
 @pytest.fixture(scope="module")
 def block_two_rank_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("block2")
-    ds2 = write_ds_config(tmp / "ds2.json", micro=1, accum=GLOBAL_MICRO // 2)
+    ds2 = write_ds_config(tmp / "ds2.json", micro=1, accum=GLOBAL_MICRO // 2, stage=2)  # sharded state
     run_pretrain(["--run_dir", str(tmp / "whole"), "--deepspeed_config", str(ds2)] + BLOCK_RESUME,
                  launcher="deepspeed", nproc=2)
     return tmp / "whole"
@@ -202,14 +204,11 @@ def test_block_state_saved_at_two_ranks_resumes_at_other_world_sizes(tmp_path, b
     saved = torch.load(block_two_rank_run / "checkpoints" / "step_00000004" / "optim_rank00001.pt",
                        weights_only=True)["state"]
     assert saved["blocks"] and set(saved["blocks"]) < set(saved["selected"])  # rank 1 kept its own only
-    both = [torch.load(block_two_rank_run / "checkpoints" / "step_00000004" / f"optim_rank0000{r}.pt",
-                       weights_only=True)["state"]["blocks"] for r in (0, 1)]
-    assert any("proj" in st and "exp_avg_q" in st for b in both for st in b.values())  # GaLore, 8-bit
     run = tmp_path / "moved"
     shutil.copytree(block_two_rank_run, run)
     shutil.rmtree(run / "checkpoints" / "step_00000008")
     (run / "checkpoints" / "latest").write_text("step_00000004\n")
-    dsn = write_ds_config(tmp_path / "dsn.json", micro=1, accum=GLOBAL_MICRO // new_world)
+    dsn = write_ds_config(tmp_path / "dsn.json", micro=1, accum=GLOBAL_MICRO // new_world, stage=2)
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(dsn), "--resume", "auto"] + BLOCK_RESUME,
                  launcher="deepspeed", nproc=new_world)
     got, want = last_loss_per_step(run), last_loss_per_step(block_two_rank_run)

@@ -24,8 +24,6 @@ def test_dotted_overrides_and_yaml_file(tmp_path):
     (["--optim.frozen_patterns", "7"], "optim.frozen_patterns"),
     (["--optim.projection", "galor"], "did you mean 'galore'"),
     (["--optim.rank", "0"], "optim.rank"),
-    (["--backend", "fsdp", "--optim.name", "block", "--optim.projection", "galore"], "--backend deepspeed"),
-    (["--backend", "fsdp", "--optim.name", "gradnorm_lorp"], "--backend deepspeed"),
     (["--checkpoint.every_steps", "-2"], "checkpoint.every_steps"),
 ])
 def test_bad_keys_and_values_name_the_field(args, named):

@@ -121,11 +121,16 @@ def test_dense_galore_run_keeps_projected_state(tmp_path):
     assert last["loss"] < read_metrics(tmp_path / "run")[0]["loss"]
 
 
-@pytest.mark.parametrize("optim", [[], BLOCK + ["--optim.keep_state_on_reselect", "true"]], ids=["adamw", "block"])
-@pytest.mark.parametrize("nproc", [2, 3])
+BLOCK_KEEP = BLOCK + ["--optim.keep_state_on_reselect", "true"]
+GALORE = BLOCK_KEEP + ["--optim.projection", "galore", "--optim.rank", "32"]
+
+
+@pytest.mark.parametrize("nproc,optim", [(2, []), (3, []), (2, BLOCK_KEEP), (3, BLOCK_KEEP), (3, GALORE)],
+                         ids=["adamw-2", "adamw-3", "block-2", "block-3", "block_galore-3"])
 def test_fsdp2_matches_one_rank(tmp_path, nproc, optim):
     """FSDP2 (fully_shard) under torchrun; 3 ranks shard unevenly. Same global batch as 1 rank.
-    With the block optimizer each rank updates its row shard of each selected block."""
+    With the block optimizer each rank updates its row shard of each selected block; projected
+    (and 8-bit) blocks are gathered to their owner, updated whole and scattered back."""
     ref = tmp_path / "ref"
     run_pretrain(["--run_dir", str(ref), "--deepspeed_config",
                   str(write_ds_config(tmp_path / "ds1.json", micro=2, accum=nproc)),
@@ -137,5 +142,6 @@ def test_fsdp2_matches_one_rank(tmp_path, nproc, optim):
     if optim:
         got, want = read_metrics(tmp_path / "run"), read_metrics(ref)
         assert [r["selected_params"] for r in got] == [r["selected_params"] for r in want]
-        # ZeRO-3 for the selected blocks: the state is split by rows over the ranks
-        assert got[-1]["optim_state_bytes"] < want[-1]["optim_state_bytes"] / nproc + 8 * 4096
+        # ZeRO-3 for the selected blocks: the state is split over the ranks (by rows, or by owner)
+        largest_state = 8 * 128 * 352  # a whole llama_9m MLP weight's fp32 moments
+        assert got[-1]["optim_state_bytes"] <= want[-1]["optim_state_bytes"] / nproc + largest_state

@@ -168,6 +168,9 @@ class BlockOptimizer(torch.optim.Optimizer):
                                proj_scale=proj_scale, svd=svd, proj_patterns=tuple(proj_patterns),
                                eight_bit=eight_bit)
         self.select_all = select_all
+        # FSDP2 with plain fp32 AdamW: every rank updates its rows of every block ("rows"); a
+        # projected or 8-bit state needs the whole block, so each is gathered to its owner
+        self.fsdp_rows = self.fsdp and projection == "none" and not eight_bit
         self.zero_stage = 2  # the engine sets the ds_config's stage (see the module docstring)
         self.selected: list[str] = []
         self.owners: dict[str, int] = {}
@@ -208,7 +211,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def holds(self, name: str) -> bool:
         """Whether this rank keeps (and updates) the block's state: its owner, or all at stage 0."""
-        return self.fsdp or self.zero_stage == 0 or self._world() == 1 or self.owners[name] == self._rank()
+        return self.fsdp_rows or self.zero_stage == 0 or self._world() == 1 or self.owners[name] == self._rank()
 
     def owned(self) -> list[str]:
         return [n for n in self.selected if self.holds(n)]
@@ -300,11 +303,11 @@ class BlockOptimizer(torch.optim.Optimizer):
         moved = {}
         for name in kept:
             src, dst = old_owners[name], self.owners[name]
-            if self.fsdp or self.zero_stage == 0 or src == dst or rank not in (src, dst):
+            if self.fsdp_rows or self.zero_stage == 0 or src == dst or rank not in (src, dst):
                 continue  # (FSDP, stage 0: every rank already holds its part of every kept state)
             peer = self._global_rank(dst if rank == src else src)
             block = self.block_by_name[name]
-            st = self.block_state[name] if rank == src else self.rule.new_state(block, self._weight(block))
+            st = self.block_state[name] if rank == src else self.rule.new_state(block, self._block_like(block))
             numbers = torch.tensor([float(st[k]) for k in sorted(st) if not torch.is_tensor(st[k])],
                                    dtype=torch.float64, device=self.device)
             for key in sorted(k for k in st if torch.is_tensor(st[k])):
@@ -332,6 +335,12 @@ class BlockOptimizer(torch.optim.Optimizer):
             raise RuntimeError("ranks selected different blocks: selection is not deterministic")
 
     # ------------------------------------------------------------------ update
+    def _block_like(self, b: Block) -> torch.Tensor:
+        """A tensor of the whole block's shape (the local view is only a row shard under FSDP)."""
+        p = self.params[b.param]
+        a, z = b.rows or (0, p.shape[0])
+        return torch.empty((z - a, *p.shape[1:]), dtype=p.dtype, device=self.device)
+
     def _local_rows(self, b: Block) -> tuple[int, int, int]:
         """(first, last) rows of block b held here, and the offset of the local tensor: the whole
         block off FSDP; under FSDP2 the block's rows that fall in this rank's Shard(0) chunk
@@ -425,6 +434,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         by_owner = {r: [b for b in blocks if self.owners[b.name] == r] for r in range(world)}
         sharded = world > 1 and self.zero_stage > 0 and not self.fsdp
         sent = 0
+        if self.fsdp and not self.fsdp_rows:
+            self.wire_bytes_last_step = self._fsdp_owner_step(blocks, Hyper(lr, beta1, beta2, eps, wd))
+            return loss
         if self.fsdp:
             pass  # FSDP reduce-scattered (averaged) the selected gradients in backward
         elif world > 1 and self.zero_stage == 2:
@@ -485,7 +497,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         Under FSDP2 this is collective: the row shards of each block's state are gathered and
         rank 0 returns them whole (the other ranks none), so any backend and size can resume."""
         return {
-            "blocks": self._gathered_fsdp_state() if self.fsdp else {n: dict(s) for n, s in self.block_state.items()},
+            "blocks": self._gathered_fsdp_state() if self.fsdp_rows else {n: dict(s) for n, s in self.block_state.items()},
             "selected": list(self.selected),
             "owners": dict(self.owners),  # at the saving world size; recomputed on load
             "visits": dict(self.selector.visits),
@@ -494,6 +506,56 @@ class BlockOptimizer(torch.optim.Optimizer):
             "last_selection_step": self.last_selection_step,
             "lr": self.param_groups[0]["lr"],
         }
+
+    def _fsdp_owner_step(self, blocks: list[Block], hyper: Hyper) -> int:
+        """FSDP2 with projected or 8-bit states: FSDP reduce-scattered the gradient rows; each
+        block's rows of gradient and weight are gathered to its owner, which runs the rule on
+        the whole block and scatters the new rows back. Returns bytes sent (counted as sent)."""
+        rank, sent = self._rank(), 0
+        sq = sum((self._grad(b).double().pow(2).sum() for b in blocks),
+                 torch.zeros((), dtype=torch.float64, device=self.device)).reshape(1)
+        dist.all_reduce(sq, group=self.group)  # the global norm, from the local rows
+        norm = float(sq.sqrt())
+        self.last_grad_norm = norm
+        coef = min(1.0, self.max_grad_norm / (norm + 1e-6)) if self.max_grad_norm > 0 else 1.0
+        for b in blocks:
+            owner = self.owners[b.name]
+            grad, n1 = self._gather_rows(b, self._grad(b), owner)
+            weight, n2 = self._gather_rows(b, self._weight(b), owner)
+            if rank == owner:
+                if coef < 1.0:
+                    grad.mul_(coef)
+                if b.name not in self.block_state:
+                    self.block_state[b.name] = self.rule.new_state(b, weight)
+                self.rule.update(b, weight, grad, self.block_state[b.name], hyper)
+            sent += n1 + n2 + self._scatter_rows(b, weight, self._weight(b), owner)
+        return sent
+
+    def _gather_rows(self, b: Block, local: torch.Tensor, owner: int) -> tuple[torch.Tensor | None, int]:
+        rows = [self._rows_of_rank(b, r) for r in range(self._world())]
+        padded = torch.zeros((max(rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in rows] if self._rank() == owner else None
+        dist.gather(padded, parts, dst=self._global_rank(owner), group=self.group)
+        sent = 0 if self._rank() == owner else padded.numel() * padded.element_size()
+        full = torch.cat([part[:n] for part, n in zip(parts, rows)]) if parts is not None else None
+        return full, sent
+
+    def _scatter_rows(self, b: Block, full: torch.Tensor | None, local: torch.Tensor, owner: int) -> int:
+        rows = [self._rows_of_rank(b, r) for r in range(self._world())]
+        buf = torch.empty((max(rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
+        chunks, sent = None, 0
+        if self._rank() == owner:
+            chunks, start = [], 0
+            for n in rows:
+                chunk = torch.zeros_like(buf)
+                chunk[:n] = full[start:start + n]
+                chunks.append(chunk)
+                start += n
+            sent = (len(rows) - 1) * buf.numel() * buf.element_size()
+        dist.scatter(buf, chunks, src=self._global_rank(owner), group=self.group)
+        local.copy_(buf[: local.shape[0]])
+        return sent
 
     def _rows_of_rank(self, b: Block, rank: int) -> int:
         rows = self.params[b.param].shape[0]
@@ -525,7 +587,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def _local_state(self, b: Block, st: dict) -> dict:
         """This rank's rows of a whole saved state (FSDP2), or the state itself."""
-        if not self.fsdp:
+        if not self.fsdp_rows:
             return dict(st)
         lo, hi, _ = self._local_rows(b)
         a = b.rows[0] if b.rows else 0

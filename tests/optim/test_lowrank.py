@@ -1,14 +1,18 @@
 """Low-rank states inside blocks: GaLore against galore-torch, GradNormLoRP's chain rule and its
-full-rank limit, the randomized SVD, and 2/3 ranks against 1 for each projection."""
+full-rank limit, the randomized SVD, 2/3 ranks against 1 for each projection, and projected
+8-bit state resharded exactly to another world size."""
+import io
+
 import pytest
 import torch
 import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from scaletrain.models.llama import causal_lm_loss
 from scaletrain.optim.blockllm import BlockOptimizer
 from scaletrain.optim.lowrank import GaLoreProjector
 from scaletrain.optim.update_rules import GradNormLoRPRule
-from tests.optim.test_blockllm import global_batches, tiny_llama, train_block
+from tests.optim.test_blockllm import VOCAB, global_batches, tiny_llama, train_block
 
 RANK, GAP = 8, 4
 
@@ -151,3 +155,58 @@ def test_two_and_three_ranks_match_one_rank(ranks, projection):
         # projectors exist only on their owners: each exactly once across ranks
         assert sorted(n for r in results for n in r["projectors"]) == ref["projectors"]
         assert sum(r["state_bytes"] for r in results) == ref["state_bytes"]
+
+
+def _wide_llama():
+    """64 wide: at rank 32 the MLP moments have 128 x 32 = 4,096 values, so they are 8-bit."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                        num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+                                        max_position_embeddings=64, tie_word_embeddings=False))
+
+
+def _projected_8bit(model):  # every block, spread over the ranks by owner
+    return BlockOptimizer(model.named_parameters(), lr=1e-2, select_all=True, frozen_patterns=(),
+                          density=1.0, projection="galore", rank=32, update_proj_gap=GAP, eight_bit=True)
+
+
+def _saved_projected_state(world):
+    """2 ranks train with GaLore + 8-bit moments; each returns its optimizer state_dict."""
+    model = _wide_llama()
+    opt = _projected_8bit(model)
+    rank = dist.get_rank()
+    train_block(opt, model, [[step[k * world + rank] for k in range(len(step) // world)]
+                             for step in global_batches(6, 4)])
+    return _bytes(opt.state_dict())
+
+
+def _bytes(obj) -> bytes:  # tensors cross the process boundary as bytes (the queue shares fds)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _load(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _reload(world, shards):
+    opt = _projected_8bit(_wide_llama())
+    opt.load_state_dict_shards(shards)
+    return _bytes(opt.block_state)
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_projected_8bit_state_reshards_exactly_to_another_world_size(ranks, new_world):
+    shards = [_load(b) for b in ranks(_saved_projected_state, 2, 2)]
+    saved = {n: st for shard in shards for n, st in shard["blocks"].items()}
+    assert sum(len(s["blocks"]) for s in shards) == len(saved)  # each block saved once, by its owner
+    assert any("proj" in st and "exp_avg_q" in st for st in saved.values())
+    loaded = [_load(b) for b in (ranks(_reload, new_world, new_world, shards) if new_world > 1
+                                 else [_reload(1, shards)])]
+    assert sorted(n for part in loaded for n in part) == sorted(saved)  # each on exactly one rank
+    for part in loaded:
+        for name, st in part.items():
+            assert st.keys() == saved[name].keys()
+            for key, value in st.items():
+                assert torch.equal(value, saved[name][key]) if torch.is_tensor(value) else value == saved[name][key]
