@@ -101,8 +101,9 @@ class OptimConfig:
     proj_scale: float = doc(0.25, "galore/gradnorm_lorp: scale of the projected-back update (GaLore's alpha).")
     svd: str = doc("lowrank", "galore/gradnorm_lorp: basis from torch.svd_lowrank (lowrank: "
                    "randomized, seeded per block; 2.4x faster than full at llama_60m rank 128 with "
-                   "the same captured gradient norm, tools/bench_svd.py) or torch.linalg.svd (full, "
-                   "as galore-torch).", ("full", "lowrank"))
+                   "the same captured gradient norm, tools/bench_svd.py; matrices with a side under "
+                   "2 (rank + 10) still get the full SVD) or torch.linalg.svd (full, as galore-torch).",
+                   ("full", "lowrank"))
     proj_patterns: list = doc(["attn", "mlp"], "galore/gradnorm_lorp: parameter-name substrings of "
                               "the 2-D weights that are projected (GaLore: attention and MLP).")
     eight_bit: bool = doc(False, "Store Adam moments of block-optimizer states in 8 bits "

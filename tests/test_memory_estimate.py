@@ -20,13 +20,8 @@ from tests.launching import REPO
 PRESET, SEQ, MICRO = "llama_9m", 16, 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models: one intra-op thread is as fast, and immune to a busy machine's oversubscription
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(seed=0, vocab=DEFAULT_VOCAB):

@@ -144,7 +144,7 @@ def _projected_run(world, projection, keep_state, steps=20):
 
 
 @pytest.mark.parametrize("projection", ["galore", "gradnorm_lorp"])
-def test_two_and_three_ranks_match_one_rank(ranks, projection):
+def test_two_and_three_ranks_match_one_rank(ranks, one_thread, projection):
     ref = _projected_run(1, projection, keep_state=True)
     assert ref["projectors"], "the selection should include projected blocks"
     for world in (2, 3):

@@ -19,7 +19,9 @@ def test_bench_optim_json_and_state_figures(tmp_path):
         for key in ("state_bytes_per_param", "state_bytes_per_rank_max", "step_time_ratio",
                     "wire_bytes_ratio", "peak_mem_bytes", "final_loss"):
             assert key in r, key
-    assert modes["adamw"]["state_bytes_per_param"] == 8.0 and modes["adamw"]["step_time_ratio"] == 1.0
+    # exp_avg + exp_avg_sq (8 B/param) and torch's one 4-byte step counter per tensor
+    assert 8.0 < modes["adamw"]["state_bytes_per_param"] < 8.001
+    assert modes["adamw"]["step_time_ratio"] == 1.0
     # our dense GaLore keeps exactly the bytes galore-torch keeps (moments + basis), and lower than AdamW
     assert modes["galore"]["state_bytes_per_param"] == modes["galore_torch"]["state_bytes_per_param"] < 8.0
     assert modes["block_galore_8bit"]["state_bytes_per_param"] < modes["block"]["state_bytes_per_param"] < 0.5
