@@ -125,8 +125,9 @@ BLOCK_KEEP = BLOCK + ["--optim.keep_state_on_reselect", "true"]
 GALORE = BLOCK_KEEP + ["--optim.projection", "galore", "--optim.rank", "32"]
 
 
-@pytest.mark.parametrize("nproc,optim", [(2, []), (3, []), (2, BLOCK_KEEP), (3, BLOCK_KEEP), (3, GALORE)],
-                         ids=["adamw-2", "adamw-3", "block-2", "block-3", "block_galore-3"])
+@pytest.mark.parametrize("nproc,optim", [(2, []), (3, []), (2, BLOCK_KEEP), (3, BLOCK_KEEP), (4, BLOCK_KEEP),
+                                         (3, GALORE)],
+                         ids=["adamw-2", "adamw-3", "block-2", "block-3", "block-4", "block_galore-3"])
 def test_fsdp2_matches_one_rank(tmp_path, nproc, optim):
     """FSDP2 (fully_shard) under torchrun; 3 ranks shard unevenly. Same global batch as 1 rank.
     With the block optimizer each rank updates its row shard of each selected block; projected
