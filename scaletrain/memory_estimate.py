@@ -133,19 +133,20 @@ def projected_shapes(shape: Sequence[int], rank: int) -> tuple[tuple[int, int], 
 
 def block_state_bytes(param: str, shape: Sequence[int], *, projection: str = "none", rank: int = 128,
                       eight_bit: bool = False, proj_patterns: Sequence[str] = ("attn", "mlp"),
-                      dtype_bytes: int = 4) -> dict[str, int]:
+                      master: bool = False, dtype_bytes: int = 4) -> dict[str, int]:
     """State bytes the block optimizer's update rule keeps for one block of `shape` (a parameter,
     or a row chunk of it, or an FSDP row shard) of parameter `param`:
       moments      exp_avg + exp_avg_sq (projected shape when projected; 8-bit where it applies)
       projection   the GaLore basis (fp32), projected blocks only
       magnitude    gradnorm_lorp: fp32 moments of the per-row magnitudes, 2 x rows values, for every
                    2-D block matching proj_patterns (projected or not), as GradNormLoRPRule keeps them
+      master       bf16 runs (DeepSpeed/single): the block's fp32 master copy, 4 bytes a value
     The per-block 'step' (and 'proj_stale') are Python floats, not tensors: 0 bytes."""
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, not {projection!r}")
     shape = tuple(shape)
     matches = any(p in param for p in proj_patterns)
-    out = {"moments": 0, "projection": 0, "magnitude": 0}
+    out = {"moments": 0, "projection": 0, "magnitude": 0, "master": 4 * math.prod(shape) if master else 0}
     moment_shape = shape
     if projection != "none" and matches:
         proj = projected_shapes(shape, rank)
@@ -185,6 +186,7 @@ def fsdp_row_shards(zero_stage: int, world_size: int, projection: str, eight_bit
 def selected_state_bytes(selected: Iterable[tuple[str, Sequence[int]]], *, world_size: int = 1,
                          zero_stage: int = 2, projection: str = "none", rank: int = 128,
                          eight_bit: bool = False, proj_patterns: Sequence[str] = ("attn", "mlp"),
+                         master: bool = False,
                          param_shapes: dict[str, Sequence[int]] | None = None) -> list[dict[str, int]]:
     """Exact optimizer-state bytes on each rank for a known selection.
 
@@ -194,12 +196,16 @@ def selected_state_bytes(selected: Iterable[tuple[str, Sequence[int]]], *, world
     block on its owner (blockllm.owner_map); 3 (FSDP2): with plain fp32 Adam every rank holds its
     Shard(0) rows of every block (param_shapes, the full parameter shapes, is needed then); with a
     projection or 8-bit moments each whole block's state is on its owner, as at stage 2.
-    Returns, per rank, a dict with 'moments', 'projection', 'magnitude' and 'total'."""
+    master: bf16 weights, so each held block also has its fp32 master (not at stage 3).
+    Returns, per rank, a dict with 'moments', 'projection', 'magnitude', 'master' and 'total'."""
     from scaletrain.optim.blockllm import Block, owner_map
 
     items = [(name, tuple(shape)) for name, shape in selected]
-    rule = dict(projection=projection, rank=rank, eight_bit=eight_bit, proj_patterns=tuple(proj_patterns))
-    per_rank = [{"moments": 0, "projection": 0, "magnitude": 0} for _ in range(world_size)]
+    if master and zero_stage >= 3:
+        raise ValueError("FSDP2 (zero_stage 3) keeps fp32 shards: no master copies")
+    rule = dict(projection=projection, rank=rank, eight_bit=eight_bit, proj_patterns=tuple(proj_patterns),
+                master=master)
+    per_rank = [{"moments": 0, "projection": 0, "magnitude": 0, "master": 0} for _ in range(world_size)]
 
     def add(r: int, parts: dict[str, int]) -> None:
         for k, v in parts.items():
@@ -226,7 +232,7 @@ def selected_state_bytes(selected: Iterable[tuple[str, Sequence[int]]], *, world
         for name, shape in items:
             add(owners[name], block_state_bytes(_parse_block(name)[0], shape, **rule))
     for d in per_rank:
-        d["total"] = d["moments"] + d["projection"] + d["magnitude"]
+        d["total"] = d["moments"] + d["projection"] + d["magnitude"] + d["master"]
     return per_rank
 
 
@@ -263,7 +269,7 @@ def activation_bytes_per_token(hidden: int, intermediate: int, heads: int, preci
       fp32      40h + 16i + 4a + 8   per norm: input, normalised, output (3 x 4h); sdpa: q, k, v,
                                      out (4 x 4h); MLP: gate, silu(gate), up, product (4 x 4i);
                                      2 rsqrt (8) and the attention log-sum-exp (4a)
-      autocast  34h +  8i + 4a + 8   weights fp32, compute bf16 (the block optimizer's bf16): norms
+      autocast  34h +  8i + 4a + 8   weights fp32, compute bf16 (SingleEngine's dense bf16): norms
                                      fp32 input + normalised (2 x 8h); bf16 input casts for q, k, v,
                                      gate, up (5 x 2h); sdpa q, k, v, out bf16 (4 x 2h); MLP 4 x 2i
       bf16      24h +  8i + 4a + 8   bf16 weights (DeepSpeed bf16, FSDP2 param_dtype): norms: fp32
@@ -353,12 +359,11 @@ class Setup:
         return s
 
     def precision(self) -> str:
-        """How activations are stored: fp32; bf16 weights (DeepSpeed bf16 for adamw, FSDP2's
-        param_dtype at stage 3); or autocast (the block optimizer under DeepSpeed/single keeps fp32
-        weights and autocasts compute to bf16, see dist/engines.py)."""
-        if self.dtype == "fp32":
-            return "fp32"
-        return "bf16" if self.mode == "adamw" or self.zero_stage == 3 else "autocast"
+        """How weights and activations are stored: fp32, or bf16 (DeepSpeed bf16 for adamw; the
+        block optimizer's bf16 weights with fp32 masters of its selected blocks; FSDP2's
+        param_dtype at stage 3). ("autocast", fp32 weights with bf16 compute, is what a dense
+        optimizer gets from SingleEngine; activation_bytes still models it.)"""
+        return "fp32" if self.dtype == "fp32" else "bf16"
 
 
 @dataclass
@@ -437,10 +442,6 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
                      "through backward) and of two decoder layers (current + prefetched)")
     else:
         bd["weights_model"] = P * low
-        if precision == "autocast":
-            bd["weights_autocast_bf16_copies"] = spec.matmul_params() * 2
-            notes.append("bf16 autocast: fp32 weights + a bf16 copy of every Linear weight "
-                         "(autocast's cast cache, saved for backward)")
     weights = sum(v for k, v in bd.items() if k.startswith("weights"))
 
     act = activation_bytes(spec, s.micro_batch, s.seq_len, precision, s.activation_checkpointing)
@@ -482,8 +483,12 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
 
         blocks, budget = partition_blocks(spec.named_shapes, tuple(s.frozen_patterns), s.density,
                                           s.max_block_fraction)
+        masters = s.dtype == "bf16" and s.zero_stage != 3  # bf16 weights + fp32 masters (engines.py)
+        if masters:
+            notes.append("block optimizer in bf16: bf16 weights; fp32 masters of the selected blocks on their "
+                         "owners (in optimizer states); fp32 gradient accumulators")
         rule = dict(projection=s.projection, rank=s.rank, eight_bit=s.eight_bit,
-                    proj_patterns=tuple(s.proj_patterns))
+                    proj_patterns=tuple(s.proj_patterns), master=masters)
         named = block_shapes(blocks, spec.named_shapes)
         candidates = sum(b.numel for b in blocks)
         info.update(budget_params=budget, candidate_params=candidates, n_blocks=len(blocks),
@@ -492,7 +497,7 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
             per_rank = selected_state_bytes(named, world_size=W, zero_stage=s.zero_stage,
                                             param_shapes=shapes, **rule)
             info.update(selected_params=candidates)
-            for key, part in (("optimizer_states", ("moments", "magnitude")), ("projections", ("projection",))):
+            for key, part in (("optimizer_states", ("moments", "magnitude", "master")), ("projections", ("projection",))):
                 vals = [sum(r[k] for k in part) for r in per_rank]
                 mean[key] = ceil(sum(vals) / W)
                 big = max(range(W), key=lambda i: per_rank[i]["total"])
@@ -515,7 +520,7 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
                 for c, _, b, shape in items:
                     local = _fsdp_local_rows(shapes[b.param][0], b.rows, 0, W)
                     parts = block_state_bytes(b.param, (local, *shape[1:]), **rule) if local else \
-                        {"moments": 0, "projection": 0, "magnitude": 0}
+                        {"moments": 0, "projection": 0, "magnitude": 0, "master": 0}
                     parts["total"] = sum(parts.values())
                     shard_items.append((c, parts))
                 worst = _fractional_knapsack(shard_items, cap)
@@ -528,13 +533,14 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
                 worst = _fractional_knapsack([(c, p) for c, p, _, _ in items], rank_cap)
                 avg = {k: v / W for k, v in total.items()}
             for col, d in ((mean, avg), (mx, worst)):
-                col["optimizer_states"] = ceil(d.get("moments", 0) + d.get("magnitude", 0))
+                col["optimizer_states"] = ceil(d.get("moments", 0) + d.get("magnitude", 0) + d.get("master", 0))
                 col["projections"] = ceil(d.get("projection", 0))
             info.update(state_bytes_total_worst=ceil(total.get("total", 0)))
             notes.append("block: selection depends on gradients; states are the worst case the budget "
                          f"({budget:,} params) allows; 'max' bounds the most loaded rank (owner_map)")
-        # gradients: fp32 (block-optimizer weights stay fp32), whole tensors of the selected blocks,
-        # on every rank until step() (stage 2 drops non-owned ones only after the reduce)
+        # gradients: fp32 (with bf16 weights: fp32 accumulators, each bf16 gradient freed as it is
+        # added), whole tensors of the selected blocks, on every rank until step() (stage 2 drops
+        # non-owned ones only after the reduce)
         by_param: dict[str, int] = {}
         for b in blocks:
             by_param[b.param] = min(by_param.get(b.param, b.numel), b.numel)

@@ -17,10 +17,11 @@ TINY = ["--data.seq_len", "32", "--train.eval_windows", "8", "--train.warmup_ste
         "--train.log_every", "1"]
 
 
-def write_ds_config(path: Path, micro: int, accum: int, stage: int = 0, clip: float = 1.0) -> Path:
+def write_ds_config(path: Path, micro: int, accum: int, stage: int = 0, clip: float = 1.0,
+                    bf16: bool | str = "auto") -> Path:
     path.write_text(json.dumps({
         "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-        "gradient_clipping": clip, "bf16": {"enabled": "auto"},
+        "gradient_clipping": clip, "bf16": {"enabled": bf16},
         "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
         "steps_per_print": 1000000}))
     return path

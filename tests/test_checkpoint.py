@@ -161,6 +161,37 @@ def test_two_ranks_saved_one_rank_resumes(tmp_path, save_stage, resume_stage, la
                                [want[s] for s in range(5, STEPS + 1)], rtol=0, atol=1e-5)
 
 
+def test_bf16_block_run_matches_one_rank_and_resumes_its_masters_at_one_rank(tmp_path):
+    """bf16 on CPU (bf16 weights, fp32 masters of the selected blocks on their owners, fp32
+    gradient accumulation): 2 DeepSpeed ranks at ZeRO-2 give the 1-rank losses; the masters are
+    in the optimizer shards, and a 1-rank resume from the 2-rank checkpoint continues the run."""
+    ds2 = write_ds_config(tmp_path / "ds2.json", micro=2, accum=1, stage=2, bf16=True)
+    ds1 = write_ds_config(tmp_path / "ds1.json", micro=2, accum=2, stage=2, bf16=True)
+    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + TINY + BLOCK
+    run_pretrain(["--run_dir", str(tmp_path / "whole"), "--deepspeed_config", str(ds2)] + common,
+                 launcher="deepspeed", nproc=2)
+    run_pretrain(["--run_dir", str(tmp_path / "one"), "--deepspeed_config", str(ds1)] + common)
+    want = last_loss_per_step(tmp_path / "whole")
+    np.testing.assert_allclose(list(last_loss_per_step(tmp_path / "one").values()), list(want.values()),
+                               rtol=0, atol=1e-5)
+    step4 = tmp_path / "whole" / "checkpoints" / "step_00000004"
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(step4 / "model.safetensors")).values()} == {torch.bfloat16}
+    shards = [torch.load(step4 / f"optim_rank{r:05d}.pt", weights_only=True) for r in range(2)]
+    states = [sh["state"] for sh in shards]
+    masters = [n for st in states for n, block in st["blocks"].items() if block["master"].dtype == torch.float32]
+    assert sorted(masters) == sorted(states[0]["selected"])  # each selected block's master, once
+    run = tmp_path / "moved"
+    shutil.copytree(tmp_path / "whole", run)
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common)
+    got = last_loss_per_step(run)
+    np.testing.assert_allclose([got[s] for s in range(5, STEPS + 1)], [want[s] for s in range(5, STEPS + 1)],
+                               rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("optim,resume", [([], ["--backend", "deepspeed"]), (BLOCK, ["--backend", "fsdp"]),
                                           (BLOCK, ["--backend", "deepspeed"])],
                          ids=["adamw_to_deepspeed_1", "block_to_fsdp_3", "block_to_deepspeed_1"])

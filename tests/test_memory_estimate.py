@@ -41,6 +41,7 @@ def one_block_step(opt, model, seed=0):
             causal_lm_loss(model, mb).backward()
     causal_lm_loss(model, mb).backward()
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    grad_bytes += sum(g.numel() * g.element_size() for g in getattr(opt, "_grad32", {}).values())  # bf16 runs
     opt.step()
     opt.zero_grad(set_to_none=True)
     return grad_bytes
@@ -107,6 +108,27 @@ def test_block_prediction_for_the_actual_selection_is_exact(projection, eight_bi
     est = estimate(spec, Setup(mode="block", world_size=1, density=0.05, projection=projection, rank=32,
                                eight_bit=eight_bit))
     assert measured <= est.max["optimizer_states"] + est.max["projections"]
+    assert grad_bytes <= est.max["gradients"]
+
+
+@pytest.mark.parametrize("projection", ["none", "galore"])
+def test_bf16_block_masters_are_predicted_exactly(projection):
+    """bf16 weights: every held block adds its fp32 master (4 B/value) to the state, and the
+    weights cost 2 B/param."""
+    model = build_model(PRESET, DEFAULT_VOCAB).to(torch.bfloat16)
+    opt = BlockOptimizer(model.named_parameters(), lr=1e-3, density=0.05, check_every=10**9,
+                         projection=projection, rank=32)
+    opt.use_master_weights()
+    grad_bytes = one_block_step(opt, model)
+    spec = model_spec(PRESET)
+    chosen = block_shapes([opt.block_by_name[n] for n in opt.selected], spec.named_shapes)
+    predicted = selected_state_bytes(chosen, projection=projection, rank=32, master=True)[0]
+    assert predicted["total"] == opt.state_bytes()
+    assert predicted["master"] == sum(s["master"].numel() * 4 for s in opt.block_state.values())
+    est = estimate(spec, Setup(mode="block", world_size=1, density=0.05, projection=projection, rank=32,
+                               dtype="bf16"))
+    assert est.max["weights"] == 2 * spec.n_params
+    assert opt.state_bytes() <= est.max["optimizer_states"] + est.max["projections"]
     assert grad_bytes <= est.max["gradients"]
 
 

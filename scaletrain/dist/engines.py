@@ -39,6 +39,13 @@ def bf16_enabled(ds_config: dict[str, Any]) -> bool:
     return bool(ds_config.get("bf16", {}).get("enabled", False))
 
 
+def use_bf16_weights(model, optimizer) -> None:
+    """Cast the model to bf16 (parameters keep their identity, so the optimizer's references
+    stay valid) and let the block optimizer keep fp32 masters of the blocks it trains."""
+    model.to(torch.bfloat16)
+    optimizer.use_master_weights()
+
+
 def _as_float(norm) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
 
@@ -51,7 +58,11 @@ class SingleEngine:
         self.module = model.to(ctx.device)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.clip = 0.0 if syncs_grads else float(ds_config.get("gradient_clipping", 0.0))
-        self.autocast = bf16_enabled(ds_config)
+        # bf16: the block optimizer keeps bf16 weights and fp32 masters of its selected blocks;
+        # a dense optimizer keeps fp32 weights and autocasts the compute
+        self.autocast = bf16_enabled(ds_config) and not syncs_grads
+        if bf16_enabled(ds_config) and syncs_grads and not isinstance(self, FSDPEngine):
+            use_bf16_weights(self.module, optimizer)
         self.device = ctx.device
         self.grad_norm: float | None = None
 
@@ -155,9 +166,12 @@ class DeepSpeedEngine:
             # reduction and clipping to the optimizer (which reduces selected blocks only).
             ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": 0}
             ds["gradient_clipping"] = 0.0
-            if bf16_enabled(ds):  # keep fp32 weights (the master copy) and compute in bf16
+            if bf16_enabled(ds):  # bf16 weights; fp32 masters of the selected blocks, on owners
                 ds["bf16"] = {"enabled": False}
-                self.autocast = True
+                use_bf16_weights(model, optimizer)
+                if ctx.is_main:
+                    log.info("bf16: bf16 weights on every rank, fp32 master copies of the selected "
+                             "blocks on their owners, gradients accumulated and reduced in fp32")
             optimizer.zero_stage = stage  # realised by the owner partition, per block
             if ctx.is_main:
                 log.info("block optimizer: DeepSpeed engine runs at ZeRO stage 0; the requested "

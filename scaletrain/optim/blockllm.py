@@ -19,6 +19,12 @@ Per step, at the ZeRO stage the ds_config asks for, realised at block granularit
   0: gradients all-reduced, every rank holds every selected block's state and updates it (DDP).
 Frozen blocks send nothing at any stage.
 
+bf16 (`use_master_weights`, set by the engines when the ds_config enables bf16): the model's
+weights are bf16 everywhere; each selected block has an fp32 master copy in its state, on its
+owner only, which the update rule steps and the bf16 weight is rounded from. Gradients are
+accumulated over micro-batches into fp32 buffers (a post-accumulate-grad hook adds each bf16
+gradient and frees it), reduced in fp32, and the new bf16 weights are broadcast (half the bytes).
+
 Selection statistic: in a selection pass every candidate requires grad for one forward/backward;
 a post-accumulate-grad hook adds the squared norm of each micro-batch's gradient to a per-block
 vector and frees the gradient at once (all gradients are never held together). One all-reduce of
@@ -182,6 +188,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.wire_bytes_last_step = 0
         self._churn, self._selection_time = 0, 0.0
         self._pending_step = 0
+        self.master_weights = False  # bf16 weights + fp32 masters of selected blocks (see above)
+        self._grad32: dict[str, torch.Tensor] = {}  # fp32 accumulated gradients (master_weights)
+        self._accum_hooks: list = []
+        self._in_selection_pass = False
         for p in self.params.values():  # nothing trains until the first selection
             p.requires_grad_(False)
         if select_all:  # dense GaLore / GradNormLoRP: every candidate block, sharded by owner
@@ -230,6 +240,44 @@ class BlockOptimizer(torch.optim.Optimizer):
     def record_loss(self, loss: float) -> None:
         self.losses_since_selection.append(float(loss))
 
+    # ------------------------------------------------------------------ bf16
+    def use_master_weights(self) -> None:
+        """The model's weights are (or are about to be cast to) bf16: keep fp32 masters of the
+        selected blocks on their owners and accumulate gradients in fp32."""
+        if self.fsdp:
+            raise ValueError("FSDP2 keeps fp32 parameter shards and casts per layer "
+                             "(MixedPrecisionPolicy): master weights are not needed there")
+        if self.block_state:
+            raise RuntimeError("use_master_weights must be called before the first update")
+        self.master_weights = True
+        self._hook_trained_params()
+
+    def _hook_trained_params(self) -> None:
+        """(Re)register the fp32 accumulation hooks on the parameters that train now."""
+        for h in self._accum_hooks:
+            h.remove()
+        self._accum_hooks, self._grad32 = [], {}
+        if not self.master_weights:
+            return
+        for name in dict.fromkeys(self.block_by_name[n].param for n in self.selected):
+            self._accum_hooks.append(self.params[name].register_post_accumulate_grad_hook(self._accumulate(name)))
+
+    def _accumulate(self, name: str):
+        def hook(p: torch.Tensor) -> None:
+            if self._in_selection_pass:
+                return  # the selection pass's own hook measures and frees this gradient
+            acc = self._grad32.get(name)
+            if acc is None:
+                self._grad32[name] = p.grad.float()
+            else:
+                acc.add_(p.grad)
+            p.grad = None
+        return hook
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._grad32 = {}
+
     @contextlib.contextmanager
     def selection_pass(self, grad_leaves: dict[str, torch.Tensor] | None = None):
         """Inside: every candidate parameter requires grad and its gradient is reduced to squared
@@ -263,9 +311,11 @@ class BlockOptimizer(torch.optim.Optimizer):
             leaf = p if grad_leaves is None else grad_leaves[name]
             leaf.requires_grad_(True)  # (FSDP2 syncs it from the parameter at each all-gather too)
             handles.append(leaf.register_post_accumulate_grad_hook(hook_for(blocks)))
+        self._in_selection_pass = True
         try:
             yield
         finally:
+            self._in_selection_pass = False
             for h in handles:
                 h.remove()
         if self._world() > 1:  # the one collective of a selection (on the device: nccl has no CPU)
@@ -291,6 +341,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         for name, p in self.params.items():
             p.requires_grad_(name in trained)
             p.grad = None
+        self._hook_trained_params()
         if self.debug_checks:
             self.assert_same_selection_on_all_ranks()
 
@@ -307,7 +358,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 continue  # (FSDP, stage 0: every rank already holds its part of every kept state)
             peer = self._global_rank(dst if rank == src else src)
             block = self.block_by_name[name]
-            st = self.block_state[name] if rank == src else self.rule.new_state(block, self._block_like(block))
+            st = self.block_state[name] if rank == src else self._new_state(block, self._block_like(block))
             numbers = torch.tensor([float(st[k]) for k in sorted(st) if not torch.is_tensor(st[k])],
                                    dtype=torch.float64, device=self.device)
             for key in sorted(k for k in st if torch.is_tensor(st[k])):
@@ -363,7 +414,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         return t[lo - offset:hi - offset]
 
     def _grad(self, b: Block) -> torch.Tensor | None:
-        g = self.params[b.param].grad
+        g = self._grad32.get(b.param) if self.master_weights else self.params[b.param].grad
         return None if g is None else self._local(b, g)
 
     def _weight(self, b: Block) -> torch.Tensor:
@@ -410,6 +461,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         for b in (self.block_by_name[n] for n in self.selected):
             if b.param not in keep:
                 self.params[b.param].grad = None
+                self._grad32.pop(b.param, None)
 
     def _broadcast_from_owner(self, weights: list[torch.Tensor], owner: int) -> int:
         world, sent = self._world(), 0
@@ -447,8 +499,10 @@ class BlockOptimizer(torch.optim.Optimizer):
             sent += self._all_reduce([self._grad(b) for b in blocks])
         mine = by_owner[rank] if sharded else blocks
         grads = [self._grad(b) for b in mine]
-        sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=self.device)
-        sq = sq.reshape(1).double()
+        # per-block fp32 squares summed in fp64: exact for any grouping of blocks over ranks, so the
+        # clip coefficient does not depend on the world size (bf16 weights would amplify its last bit)
+        sq = (torch.stack([g.pow(2).sum() for g in grads]).double().sum() if grads
+              else torch.zeros((), dtype=torch.float64, device=self.device)).reshape(1)
         if sharded or (self.fsdp and world > 1):
             dist.all_reduce(sq, group=self.group)  # the global norm over all selected blocks
         norm = sq.sqrt().float()[0]
@@ -463,13 +517,29 @@ class BlockOptimizer(torch.optim.Optimizer):
                 continue  # FSDP: none of this block's rows live on this rank
             weight = self._weight(b)
             if b.name not in self.block_state:
-                self.block_state[b.name] = self.rule.new_state(b, weight)
-            self.rule.update(b, weight, grad, self.block_state[b.name], hyper)
+                self.block_state[b.name] = self._new_state(b, weight)
+            st = self.block_state[b.name]
+            if self.master_weights:
+                self.rule.update(b, st["master"], grad, st, hyper)
+                weight.copy_(st["master"])  # round to bf16
+            else:
+                self.rule.update(b, weight, grad, st, hyper)
         if sharded:
             for owner, owned in by_owner.items():
                 sent += self._broadcast_from_owner([self._weight(b) for b in owned], owner)
         self.wire_bytes_last_step = sent
+        self._grad32 = {}  # consumed (DeepSpeed's engine clears p.grad itself, not through zero_grad)
         return loss
+
+    def _new_state(self, b: Block, weight: torch.Tensor) -> dict:
+        """The rule's state for a block; with master weights, on an fp32 copy of the weight,
+        which is kept in the state as "master" (saved, moved and resharded like the moments)."""
+        if not self.master_weights:
+            return self.rule.new_state(b, weight)
+        master = weight.detach().float().clone()
+        st = self.rule.new_state(b, master)
+        st["master"] = master
+        return st
 
     # ------------------------------------------------------------------ introspection
     def state_bytes(self) -> int:
@@ -613,6 +683,22 @@ class BlockOptimizer(torch.optim.Optimizer):
         for name, p in self.params.items():
             p.requires_grad_(name in trained)
             p.grad = None
+        self._adopt_masters()
+        self._hook_trained_params()
+
+    @torch.no_grad()
+    def _adopt_masters(self) -> None:
+        """A state saved by a bf16 run in an fp32 run: the fp32 master is the exact weight, so it
+        replaces the (restored, bf16-rounded) weight. A state saved in fp32 and loaded in a bf16
+        run: the master starts from the restored bf16 weight, as at a block's first update."""
+        for name, st in self.block_state.items():
+            weight = self._weight(self.block_by_name[name])
+            if "master" in st and not self.master_weights:
+                weight.copy_(st.pop("master"))
+            elif self.master_weights and "master" not in st:
+                st["master"] = weight.detach().float().clone()
+            elif self.master_weights:
+                st["master"] = st["master"].to(device=weight.device, dtype=torch.float32)
 
     def load_state_dict_shards(self, shards: list[dict]) -> None:
         """Merge the per-rank saved states (each holds the blocks its rank owned) and load the
