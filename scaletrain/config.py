@@ -163,9 +163,10 @@ def _all_keys(cls, prefix="") -> dict[str, dataclasses.Field]:
     return keys
 
 
-def _unknown(key: str, valid) -> ConfigError:
-    if key in HINTS:
-        return ConfigError(f"unknown config key '{key}': use {HINTS[key]}")
+def _unknown(key: str, valid, hints: dict[str, str] | None = None) -> ConfigError:
+    hints = HINTS if hints is None else hints
+    if key in hints:
+        return ConfigError(f"unknown config key '{key}': use {hints[key]}")
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see --help for every key"
     return ConfigError(f"unknown config key '{key}'{hint}")
@@ -222,7 +223,15 @@ def _set(cfg: RunConfig, key: str, value: Any) -> None:
 
 def load_config(argv: list[str]) -> RunConfig:
     """Build the config from `--config FILE` (optional) and `--dotted.key value` overrides."""
-    keys = _all_keys(RunConfig)
+    cfg = build_config(RunConfig, argv, HINTS)
+    validate(cfg)
+    return cfg
+
+
+def build_config(cls, argv: list[str], hints: dict[str, str]):
+    """An instance of the config dataclass `cls` from `--config FILE` then `--dotted.key value`
+    overrides, each value coerced to its field's type (ConfigError naming the key otherwise)."""
+    keys = _all_keys(cls)
     file_values: dict[str, Any] = {}
     overrides: list[tuple[str, str]] = []
     args = list(argv)
@@ -240,17 +249,15 @@ def load_config(argv: list[str]) -> RunConfig:
             file_values = _read_config_file(value)
         else:
             overrides.append((key, value))
-    cfg = RunConfig()
+    cfg = cls()
     for key, value in list(file_values.items()) + overrides:
         if key not in keys:
-            raise _unknown(key, keys)
-        _set(cfg, key, _coerce(key, value, _field_type(key)))
-    validate(cfg)
+            raise _unknown(key, keys, hints)
+        _set(cfg, key, _coerce(key, value, _field_type(cls, key)))
     return cfg
 
 
-def _field_type(key: str):
-    cls = RunConfig
+def _field_type(cls, key: str):
     *parents, leaf = key.split(".")
     for p in parents:
         cls = typing.get_type_hints(cls)[p]
@@ -367,13 +374,18 @@ def load_ds_config(path: str) -> dict[str, Any]:
 
 
 def help_text() -> str:
-    lines = ["usage: launch/pretrain.py [--config FILE] [--key value ...]", "",
-             "  --config FILE  YAML/JSON run config (configs/); later --key value pairs override it", ""]
-    for key, f in _all_keys(RunConfig).items():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return config_help(RunConfig, "launch/pretrain.py", "YAML/JSON run config (configs/)")
+
+
+def config_help(cls, script: str, config_file: str) -> str:
+    """Every key of the config dataclass `cls` with its default, choices and documentation."""
+    lines = [f"usage: {script} [--config FILE] [--key value ...]", "",
+             f"  --config FILE  {config_file}; later --key value pairs override it", ""]
+    defaults = cls()
+    for key, f in _all_keys(cls).items():
         choices = f.metadata.get("choices")
         extra = f" [{'|'.join(choices)}]" if choices else ""
-        lines.append(f"  --{key} (default {default!r}){extra}\n      {f.metadata['doc']}")
+        lines.append(f"  --{key} (default {_get(defaults, key)!r}){extra}\n      {f.metadata.get('doc', '')}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -33,7 +32,7 @@ from scaletrain.data import CorruptShardError, DataPathError, c4_source, eval_wi
 from scaletrain.data.tasks import (Batch, ExampleLoader, Task, TaskDataError, check_fields, load_rows,
                                    make_batch)
 from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
-                                     init_distributed, resolve_backend)
+                                     init_distributed, resolve_backend, shutdown)
 from scaletrain.finetune_config import ZO, FinetuneConfig, help_text, load_finetune_config, to_dict
 from scaletrain.metrics import MetricsWriter, ProgressBar, peak_memory_bytes
 from scaletrain.models.llama import PRESETS, causal_lm_loss, llama_config
@@ -498,7 +497,7 @@ def finetune(cfg: FinetuneConfig, run_dir: Path | None, inputs: Inputs | None = 
         log.info("done: eval_loss %.4f (was %.4f), eval_accuracy %.4f (was %.4f) -> %s", last_eval["eval_loss"],
                  first["eval_loss"], last_eval["eval_accuracy"], first["eval_accuracy"], run_dir)
     metrics.close()
-    _shutdown(backend)
+    shutdown()
     return {"before": first, "after": last_eval, "run_dir": str(run_dir)}
 
 
@@ -535,20 +534,3 @@ def save(cfg, run_dir, step, ctx, model, zm, engine, optimizer, loader, ds_confi
                                 trainer_state={"step": step, "world_size": ctx.world_size, "loader": loader.state_dict()},
                                 config_text=yaml.safe_dump(record, sort_keys=False), ds_config=ds_config,
                                 keep_latest=cfg.checkpoint.keep_latest)
-
-
-def _shutdown(backend: str) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    dist.barrier()
-    if backend == "deepspeed":
-        # DeepSpeed's CPU shared-memory all-reduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_
-        # <addr>_<port>_<rank> and never unlinks it (66 MiB per rank and run); every rank mapped its
-        # peers' at start-up, so removing ours after the barrier is safe.
-        shm = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}"
-                                  f"_{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-        with contextlib.suppress(OSError):
-            shm.unlink()
-    dist.destroy_process_group()

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaletrain.config import (CheckpointConfig, ConfigError, OptimConfig, _all_keys, _coerce, _get,
-                               _read_config_file, _set, _unknown, doc, load_ds_config)
+from scaletrain.config import (CheckpointConfig, ConfigError, OptimConfig, _all_keys, _get, build_config,
+                               config_help, doc, load_ds_config)
 
 ZO = "zo"
 HINTS = {
@@ -119,41 +118,9 @@ class FinetuneConfig:
     checkpoint: CheckpointConfig = field(default_factory=_ft_checkpoint)
 
 
-def _field_type(key: str):
-    cls = FinetuneConfig
-    *parents, leaf = key.split(".")
-    for p in parents:
-        cls = typing.get_type_hints(cls)[p]
-    return typing.get_type_hints(cls)[leaf]
-
-
 def load_finetune_config(argv: list[str]) -> FinetuneConfig:
     """`--config FILE` (optional) then `--dotted.key value` overrides, validated."""
-    keys = _all_keys(FinetuneConfig)
-    file_values: dict[str, Any] = {}
-    overrides: list[tuple[str, str]] = []
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: options look like --key value")
-        key, sep, value = arg[2:].partition("=")
-        if key == "local_rank":  # appended by the deepspeed launcher
-            continue
-        if not sep and not args:
-            raise ConfigError(f"option --{key} needs a value")
-        value = value if sep else args.pop(0)
-        if key == "config":
-            file_values = _read_config_file(value)
-        else:
-            overrides.append((key, value))
-    cfg = FinetuneConfig()
-    for key, value in list(file_values.items()) + overrides:
-        if key not in keys:
-            if key in HINTS:
-                raise ConfigError(f"unknown config key '{key}': use {HINTS[key]}")
-            raise _unknown(key, keys)
-        _set(cfg, key, _coerce(key, value, _field_type(key)))
+    cfg = build_config(FinetuneConfig, argv, HINTS)
     validate(cfg)
     return cfg
 
@@ -212,14 +179,7 @@ def validate(cfg: FinetuneConfig) -> None:
 
 
 def help_text() -> str:
-    lines = ["usage: launch/finetune.py [--config FILE] [--key value ...]", "",
-             "  --config FILE  YAML/JSON fine-tuning config (configs/finetune_*.yaml); --key value overrides it", ""]
-    defaults = FinetuneConfig()
-    for key, f in _all_keys(FinetuneConfig).items():
-        choices = f.metadata.get("choices")
-        extra = f" [{'|'.join(choices)}]" if choices else ""
-        lines.append(f"  --{key} (default {_get(defaults, key)!r}){extra}\n      {f.metadata.get('doc', '')}")
-    return "\n".join(lines)
+    return config_help(FinetuneConfig, "launch/finetune.py", "YAML/JSON fine-tuning config (configs/finetune_*.yaml)")
 
 
 def to_dict(cfg: FinetuneConfig) -> dict[str, Any]:

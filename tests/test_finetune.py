@@ -120,7 +120,7 @@ def test_zo_two_deepspeed_ranks_match_one_rank(zo_one_rank, pretrained, tmp_path
     m2 = torch.load(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1] / "optim_rank00000.pt",
                     weights_only=True)
     assert all(torch.equal(m1["indices"][n], m2["indices"][n]) for n in m1["names"])
-    # DeepSpeed's CPU shared-memory buffers of this run are removed at exit (DeepSpeed leaves them)
+    # DeepSpeed's CPU shared-memory all-reduce is never started, so it leaves no /dev/shm buffers
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
