@@ -316,39 +316,8 @@ def zo_step(spsa, model, task: Task, micro_batches: list[Batch], step: int, auto
 # --------------------------------------------------------------------------- first-order step
 
 def first_order_step(engine, task: Task, micro_batches: list[Batch]) -> float:
-    """One optimizer step over the micro-batches: the engines' train_step with the task's loss."""
-    from scaletrain.dist.engines import DeepSpeedEngine
-
-    total = 0.0
-    if isinstance(engine, DeepSpeedEngine):
-        for mb in micro_batches:
-            with (torch.autocast(engine.device.type, dtype=torch.bfloat16) if engine.autocast
-                  else contextlib.nullcontext()):
-                loss = task_loss(engine.engine, mb, task)[0]
-            engine.engine.backward(loss)
-            engine.engine.step()
-            total += loss.item()
-        if engine.syncs_grads:
-            engine.grad_norm = engine.optimizer.last_grad_norm
-        else:
-            norm = engine.engine.get_global_grad_norm()
-            engine.grad_norm = None if norm is None else float(norm)
-        return total / len(micro_batches)
-    for mb in micro_batches:  # SingleEngine: one process
-        with engine._autocast():
-            loss = task_loss(engine.module, mb, task)[0]
-        (loss / len(micro_batches)).backward()
-        total += loss.item()
-    params = [p for p in engine.module.parameters() if p.grad is not None]
-    if engine.clip > 0:
-        engine.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, engine.clip))
-    elif params:
-        engine.grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-    engine.optimizer.step()
-    engine.scheduler.step()
-    engine.optimizer.zero_grad(set_to_none=True)
-    engine.grad_norm = getattr(engine.optimizer, "last_grad_norm", engine.grad_norm)
-    return total / len(micro_batches)
+    """One optimizer step over the micro-batches: the engine's train_step with the task's loss."""
+    return engine.train_step(micro_batches, loss_fn=lambda module, mb: task_loss(module, mb, task)[0])
 
 
 # --------------------------------------------------------------------------- the run

@@ -71,12 +71,13 @@ class SingleEngine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+    def train_step(self, micro_batches: list, loss_fn=causal_lm_loss) -> float:
+        """loss_fn(module, micro_batch) -> mean loss; the causal-LM loss, or a fine-tuning task's."""
         total = 0.0
         for i, mb in enumerate(micro_batches):
             self._sync_grads(i == len(micro_batches) - 1)
             with self._autocast():
-                loss = causal_lm_loss(self.module, mb.to(self.device))
+                loss = loss_fn(self.module, mb.to(self.device))
             (loss / len(micro_batches)).backward()
             total += loss.item()
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -159,7 +160,6 @@ class DeepSpeedEngine:
         skip_deepspeed_shm_allreduce()  # (when the process group was started without DeepSpeed)
         ds = dict(ds_config)
         stage = ds.get("zero_optimization", {}).get("stage", 0)
-        self.autocast = False
         if syncs_grads:
             # DeepSpeed's ZeRO flattens parameters into 1-D partitions, destroying the per-tensor
             # structure block selection needs; the engine runs at stage 0 and leaves gradient
@@ -188,12 +188,12 @@ class DeepSpeedEngine:
         self.syncs_grads = syncs_grads
         self.grad_norm: float | None = None
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+    def train_step(self, micro_batches: list, loss_fn=causal_lm_loss) -> float:
+        """loss_fn(module, micro_batch) -> mean loss (bf16: DeepSpeed casts the model, or the block
+        optimizer keeps bf16 weights; no autocast either way)."""
         total = 0.0
         for mb in micro_batches:
-            with (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
-                  else contextlib.nullcontext()):
-                loss = causal_lm_loss(self.engine, mb.to(self.device))
+            loss = loss_fn(self.engine, mb.to(self.device))
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
                 # stage 0: gradients are all-reduced now and not yet clipped
