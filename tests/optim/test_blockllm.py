@@ -28,10 +28,10 @@ def global_batches(steps, micro_batches, seed=1):
             for _ in range(steps)]
 
 
-def train_block(opt, model, batches_per_step, steps_losses=None):
+def train_block(opt, model, batches_per_step, first_step=0):
     """The trainer's step, by hand: selection pass when wanted, accumulate, step, record loss."""
     losses = []
-    for step, micro in enumerate(batches_per_step):
+    for step, micro in enumerate(batches_per_step, start=first_step):
         if opt.wants_selection(step):
             with opt.selection_pass():
                 for mb in micro:

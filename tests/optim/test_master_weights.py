@@ -86,24 +86,6 @@ def test_bf16_ranks_match_one_rank(ranks, one_rank, world, stage):
         assert sum(r["state_bytes"] for r in results) == ref["state_bytes"]
 
 
-def train_step_at(opt, model, micro, step):
-    from scaletrain.models.llama import causal_lm_loss
-
-    if opt.wants_selection(step):
-        with opt.selection_pass():
-            for mb in micro:
-                causal_lm_loss(model, mb).backward()
-    total = 0.0
-    for mb in micro:
-        loss = causal_lm_loss(model, mb)
-        (loss / len(micro)).backward()
-        total += loss.item() / len(micro)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    opt.record_loss(total)
-    return total
-
-
 def _saved(opt, model) -> dict:
     buf = io.BytesIO()
     torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, buf)
@@ -117,7 +99,7 @@ def test_masters_are_saved_and_resume_bit_identically():
     opt_a = BlockOptimizer(a.named_parameters(), lr=1e-2, density=0.2, reselect_every=4,
                            keep_state_on_reselect=True)
     opt_a.use_master_weights()
-    [train_step_at(opt_a, a, batches[s], s) for s in range(6)]
+    train_block(opt_a, a, batches[:6])
     saved = _saved(opt_a, a)
     assert all(st["master"].dtype == torch.float32 for st in saved["opt"]["blocks"].values())
 
@@ -127,8 +109,8 @@ def test_masters_are_saved_and_resume_bit_identically():
                            keep_state_on_reselect=True)
     opt_b.use_master_weights()
     opt_b.load_state_dict(saved["opt"])
-    rest_a = [train_step_at(opt_a, a, batches[s], s) for s in range(6, 12)]
-    rest_b = [train_step_at(opt_b, b, batches[s], s) for s in range(6, 12)]
+    rest_a = train_block(opt_a, a, batches[6:], first_step=6)
+    rest_b = train_block(opt_b, b, batches[6:], first_step=6)
     assert rest_a == rest_b
 
     # an fp32 run resuming the bf16 state takes the exact fp32 masters as its weights
