@@ -18,7 +18,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from scaletrain.finetune_config import ZO, FinetuneConfig, help_text, load_finet
 from scaletrain.metrics import MetricsWriter, ProgressBar, peak_memory_bytes
 from scaletrain.models.llama import PRESETS, causal_lm_loss, llama_config
 from scaletrain.optim.schedule import warmup_cosine
+from scaletrain.run_dir import agree_on_run_dir, choose_run_dir, setup_logging
 
 log = logging.getLogger("scaletrain")
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         cfg = load_finetune_config(argv)
-        run_dir = _choose_run_dir(cfg)
+        run_dir = choose_run_dir(cfg.run_dir, resume=None)
         inputs = preflight(cfg)
     except (ConfigError, TaskDataError) as e:  # before any process group starts or anything is written
         print(f"scaletrain finetune: config error: {e}", file=sys.stderr)
@@ -70,15 +70,6 @@ def main(argv: list[str] | None = None) -> None:
     except (ckpt.CheckpointError, DataPathError, CorruptShardError, FileNotFoundError) as e:
         print(f"scaletrain finetune: error: {e}", file=sys.stderr)
         sys.exit(1)
-
-
-def _choose_run_dir(cfg: FinetuneConfig) -> Path | None:
-    if not cfg.run_dir:
-        return None
-    path = Path(cfg.run_dir)
-    if (path / "metrics.jsonl").exists():
-        raise ConfigError(f"config key 'run_dir': {path} already holds a run (metrics.jsonl); choose another")
-    return path
 
 
 # --------------------------------------------------------------------------- model
@@ -322,24 +313,6 @@ def first_order_step(engine, task: Task, micro_batches: list[Batch]) -> float:
 
 # --------------------------------------------------------------------------- the run
 
-def _setup(cfg: FinetuneConfig, run_dir: Path | None, ctx: DistContext) -> Path:
-    if run_dir is None:
-        name = cfg.name or datetime.now().strftime("ft-%Y%m%d-%H%M%S")
-        if ctx.world_size > 1:
-            holder = [name]
-            torch.distributed.broadcast_object_list(holder, src=0)
-            name = holder[0]
-        run_dir = Path("runs") / name
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if ctx.is_main:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
-    logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
-                        format="%(asctime)s scaletrain: %(message)s", handlers=handlers, force=True)
-    return run_dir
-
-
 def _tensor_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -353,7 +326,8 @@ def finetune(cfg: FinetuneConfig, run_dir: Path | None, inputs: Inputs | None = 
     ctx = init_distributed(backend)
     random.seed(cfg.seed + ctx.rank)
     np.random.seed(cfg.seed + ctx.rank)
-    run_dir = _setup(cfg, run_dir, ctx)
+    run_dir = agree_on_run_dir(cfg.name, run_dir, ctx, prefix="ft-")
+    setup_logging(run_dir, ctx)
     if ctx.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))

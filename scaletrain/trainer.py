@@ -7,7 +7,6 @@ import math
 import random
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from scaletrain.metrics import (MetricsWriter, ProgressBar, peak_flops, peak_mem
 from scaletrain.models.llama import build_model, causal_lm_loss, count_params
 from scaletrain.optim import build_optimizer
 from scaletrain.optim.schedule import build_scheduler
+from scaletrain.run_dir import agree_on_run_dir, choose_run_dir, setup_logging
 
 log = logging.getLogger("scaletrain")
 HEATMAP_EVERY_SELECTIONS = 10
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         cfg = load_config(argv)
-        run_dir = choose_run_dir(cfg)
+        run_dir = choose_run_dir(cfg.run_dir, cfg.resume)
     except ConfigError as e:  # before any process group starts or anything is written
         print(f"scaletrain: config error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -46,39 +46,6 @@ def main(argv: list[str] | None = None) -> None:
     except (ckpt.CheckpointError, DataPathError, CorruptShardError, FileNotFoundError) as e:
         print(f"scaletrain: error: {e}", file=sys.stderr)
         sys.exit(1)
-
-
-def choose_run_dir(cfg: RunConfig) -> Path | None:
-    """An explicit run_dir that already holds a run is refused (nothing written is overwritten)."""
-    if not cfg.run_dir:
-        return None  # decided by rank 0 after start-up: runs/<name or timestamp>
-    path = Path(cfg.run_dir)
-    if (path / "metrics.jsonl").exists() and cfg.resume == "none":
-        raise ConfigError(f"config key 'run_dir': {path} already holds a run (metrics.jsonl); "
-                          f"choose another --run_dir or continue it with --resume auto")
-    return path
-
-
-def _agree_on_run_dir(cfg: RunConfig, run_dir: Path | None, ctx: DistContext) -> Path:
-    if run_dir is None:
-        name = cfg.name or datetime.now().strftime("%Y%m%d-%H%M%S")
-        if ctx.world_size > 1:  # ranks may straddle a second: rank 0's name wins
-            holder = [name]
-            torch.distributed.broadcast_object_list(holder, src=0)
-            name = holder[0]
-        run_dir = Path("runs") / name
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def _setup_logging(run_dir: Path, ctx: DistContext) -> None:
-    level = logging.INFO if ctx.is_main else logging.WARNING
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if ctx.is_main:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
-    logging.basicConfig(level=level, format="%(asctime)s scaletrain: %(message)s", handlers=handlers,
-                        force=True)
 
 
 def evaluate(module, batches: list[torch.Tensor], ctx: DistContext) -> float:
@@ -177,8 +144,8 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
     ctx = init_distributed(backend)
     random.seed(cfg.seed + ctx.rank)  # python/numpy RNGs are per rank; torch's seeds the model (same everywhere)
     np.random.seed(cfg.seed + ctx.rank)
-    run_dir = _agree_on_run_dir(cfg, run_dir, ctx)
-    _setup_logging(run_dir, ctx)
+    run_dir = agree_on_run_dir(cfg.name, run_dir, ctx)
+    setup_logging(run_dir, ctx)
     if ctx.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
