@@ -279,52 +279,70 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- validation
 
-def _check(cond: bool, key: str, msg: str) -> None:
+def require(cond: bool, key: str, msg: str) -> None:
+    """A ConfigError naming the key when cond is false."""
     if not cond:
         raise ConfigError(f"config key '{key}' {msg}")
 
 
 def validate(cfg: RunConfig) -> None:
-    for key, f in _all_keys(RunConfig).items():
+    from scaletrain.optim import OPTIMIZERS  # the registry is the one list of names
+
+    check_choices(cfg)
+    check_optim(cfg.optim, sorted(OPTIMIZERS))
+    require(cfg.data.seq_len > 0, "data.seq_len", "must be positive")
+    require(cfg.data.seq_len <= 1024, "data.seq_len", "must be <= 1024 (the presets' max positions)")
+    check_schedule(cfg.train)
+    require(cfg.train.eval_windows > 0, "train.eval_windows", "must be positive")
+    check_checkpoint(cfg.checkpoint)
+    load_ds_config(cfg.deepspeed_config)  # a bad ds_config is a config error too
+
+
+def check_choices(cfg) -> None:
+    """Every field of a config dataclass that lists its choices holds one of them."""
+    for key, f in _all_keys(type(cfg)).items():
         choices = f.metadata.get("choices")
         value = _get(cfg, key)
         if choices and value not in choices:
             close = difflib.get_close_matches(str(value), choices, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"config key '{key}' is {value!r}{hint}; choose one of {list(choices)}")
-    from scaletrain.optim import OPTIMIZERS  # the registry is the one list of names
 
-    if cfg.optim.name not in OPTIMIZERS:
-        close = difflib.get_close_matches(cfg.optim.name, list(OPTIMIZERS), n=1)
+
+def check_optim(o: OptimConfig, names: list[str]) -> None:
+    """optim.*, shared by pretraining and fine-tuning; names: the accepted optim.name values."""
+    if o.name not in names:
+        close = difflib.get_close_matches(o.name, names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"config key 'optim.name' is {cfg.optim.name!r}{hint}; "
-                          f"choose one of {sorted(OPTIMIZERS)}")
-    _check(cfg.optim.rank > 0, "optim.rank", "must be positive")
-    _check(cfg.optim.update_proj_gap > 0, "optim.update_proj_gap", "must be positive")
-    _check(cfg.optim.proj_scale > 0, "optim.proj_scale", "must be positive")
-    _check(cfg.data.seq_len > 0, "data.seq_len", "must be positive")
-    _check(cfg.data.seq_len <= 1024, "data.seq_len", "must be <= 1024 (the presets' max positions)")
-    _check(cfg.train.steps > 0, "train.steps", "must be positive")
-    _check(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _check(0.0 <= cfg.train.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
-    _check(cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0")
-    _check(cfg.train.eval_windows > 0, "train.eval_windows", "must be positive")
-    _check(cfg.train.log_every > 0, "train.log_every", "must be positive")
-    _check(cfg.optim.lr > 0, "optim.lr", "must be positive")
-    _check(0.0 <= cfg.optim.beta1 < 1.0, "optim.beta1", "must be in [0, 1)")
-    _check(0.0 <= cfg.optim.beta2 < 1.0, "optim.beta2", "must be in [0, 1)")
-    _check(cfg.optim.eps > 0, "optim.eps", "must be positive")
-    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _check(0.0 < cfg.optim.density <= 1.0, "optim.density", "must be in (0, 1]")
-    _check(cfg.optim.patience > 0, "optim.patience", "must be positive")
-    _check(cfg.optim.check_every > 0, "optim.check_every", "must be positive")
-    _check(cfg.optim.reselect_every >= 0, "optim.reselect_every", "must be >= 0 (0: off)")
-    _check(0.0 < cfg.optim.max_block_fraction <= 1.0, "optim.max_block_fraction", "must be in (0, 1]")
-    _check(cfg.checkpoint.every_steps >= -1, "checkpoint.every_steps",
-           "must be >= -1 (0: only at the end; -1: never)")
-    _check(cfg.checkpoint.keep_latest >= 2, "checkpoint.keep_latest",
+        raise ConfigError(f"config key 'optim.name' is {o.name!r}{hint}; choose one of {names}")
+    require(o.rank > 0, "optim.rank", "must be positive")
+    require(o.update_proj_gap > 0, "optim.update_proj_gap", "must be positive")
+    require(o.proj_scale > 0, "optim.proj_scale", "must be positive")
+    require(o.lr > 0, "optim.lr", "must be positive")
+    require(0.0 <= o.beta1 < 1.0, "optim.beta1", "must be in [0, 1)")
+    require(0.0 <= o.beta2 < 1.0, "optim.beta2", "must be in [0, 1)")
+    require(o.eps > 0, "optim.eps", "must be positive")
+    require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    require(0.0 < o.density <= 1.0, "optim.density", "must be in (0, 1]")
+    require(o.patience > 0, "optim.patience", "must be positive")
+    require(o.check_every > 0, "optim.check_every", "must be positive")
+    require(o.reselect_every >= 0, "optim.reselect_every", "must be >= 0 (0: off)")
+    require(0.0 < o.max_block_fraction <= 1.0, "optim.max_block_fraction", "must be in (0, 1]")
+
+
+def check_schedule(t) -> None:
+    """train.* keys both the pretraining and the fine-tuning config have."""
+    require(t.steps > 0, "train.steps", "must be positive")
+    require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+    require(t.eval_every >= 0, "train.eval_every", "must be >= 0")
+    require(t.log_every > 0, "train.log_every", "must be positive")
+
+
+def check_checkpoint(c: CheckpointConfig) -> None:
+    require(c.every_steps >= -1, "checkpoint.every_steps", "must be >= -1 (0: only at the end; -1: never)")
+    require(c.keep_latest >= 2, "checkpoint.keep_latest",
            "must be >= 2 (a crash while saving must leave a previous complete checkpoint)")
-    load_ds_config(cfg.deepspeed_config)  # a bad ds_config is a config error too
 
 
 def _get(cfg: RunConfig, key: str) -> Any:

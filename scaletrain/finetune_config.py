@@ -8,12 +8,11 @@ tuning, configured under `zo.*`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaletrain.config import (CheckpointConfig, ConfigError, OptimConfig, _all_keys, _get, build_config,
-                               config_help, doc, load_ds_config)
+from scaletrain.config import (CheckpointConfig, OptimConfig, build_config, check_checkpoint, check_choices,
+                               check_optim, check_schedule, config_help, doc, load_ds_config, require)
 
 ZO = "zo"
 HINTS = {
@@ -125,56 +124,33 @@ def load_finetune_config(argv: list[str]) -> FinetuneConfig:
     return cfg
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"config key '{key}' {msg}")
-
-
 def validate(cfg: FinetuneConfig) -> None:
-    for key, f in _all_keys(FinetuneConfig).items():
-        choices = f.metadata.get("choices")
-        value = _get(cfg, key)
-        if choices and value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"config key '{key}' is {value!r}{hint}; choose one of {list(choices)}")
     from scaletrain.optim import OPTIMIZERS
 
-    names = sorted(OPTIMIZERS) + [ZO]
-    if cfg.optim.name not in names:
-        close = difflib.get_close_matches(cfg.optim.name, names, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"config key 'optim.name' is {cfg.optim.name!r}{hint}; choose one of {names}")
-    _check(cfg.optim.lr > 0, "optim.lr", "must be positive")
-    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _check(0.0 < cfg.optim.density <= 1.0, "optim.density", "must be in (0, 1]")
-    _check(cfg.optim.name != ZO or cfg.optim.density == OptimConfig().density, "optim.density",
+    check_choices(cfg)
+    check_optim(cfg.optim, sorted(OPTIMIZERS) + [ZO])
+    require(cfg.optim.name != ZO or cfg.optim.density == OptimConfig().density, "optim.density",
            "is the block optimizer's; with optim.name zo set zo.density")
-    _check(0.0 < cfg.zo.density <= 1.0, "zo.density",
+    require(0.0 < cfg.zo.density <= 1.0, "zo.density",
            f"is {cfg.zo.density}: must be in (0, 1] (the fraction of coordinates tuned; SensZOQ uses "
            f"0.001, 1 is dense MeZO)")
-    _check(cfg.zo.density < 1.0 or cfg.zo.quant == "none", "zo.quant",
+    require(cfg.zo.density < 1.0 or cfg.zo.quant == "none", "zo.quant",
            "must be none when zo.density is 1 (dense MeZO tunes every weight, so none can stay 4-bit)")
-    _check(cfg.zo.eps > 0, "zo.eps", "must be positive")
-    _check(cfg.zo.samples >= 1, "zo.samples", "must be >= 1")
-    _check(cfg.zo.weight_decay >= 0, "zo.weight_decay", "must be >= 0")
-    _check(cfg.zo.quant_block > 0 and cfg.zo.quant_block % 2 == 0, "zo.quant_block",
+    require(cfg.zo.eps > 0, "zo.eps", "must be positive")
+    require(cfg.zo.samples >= 1, "zo.samples", "must be >= 1")
+    require(cfg.zo.weight_decay >= 0, "zo.weight_decay", "must be >= 0")
+    require(cfg.zo.quant_block > 0 and cfg.zo.quant_block % 2 == 0, "zo.quant_block",
            "must be a positive even number (two 4-bit codes per byte)")
-    _check(cfg.zo.calib_sequences > 0, "zo.calib_sequences", "must be positive")
-    _check(0 < cfg.zo.calib_seq_len <= 1024, "zo.calib_seq_len", "must be in 1..1024")
-    _check(bool(cfg.zo.patterns), "zo.patterns", "must name at least one pattern ('' matches all)")
-    _check(cfg.train.steps > 0, "train.steps", "must be positive")
-    _check(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _check(0.0 <= cfg.train.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
-    _check(cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0")
-    _check(cfg.train.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
-    _check(cfg.train.log_every > 0, "train.log_every", "must be positive")
-    _check(cfg.data.max_len >= 4, "data.max_len", "must be >= 4")
-    _check(cfg.data.train_examples >= 0, "data.train_examples", "must be >= 0 (0: all)")
-    _check(cfg.data.val_examples >= 0, "data.val_examples", "must be >= 0 (0: all)")
-    _check("{text}" in cfg.data.template, "data.template", "needs a {text} placeholder")
-    _check(cfg.checkpoint.every_steps >= -1, "checkpoint.every_steps", "must be >= -1 (0: only at the end; -1: never)")
-    _check(cfg.checkpoint.keep_latest >= 2, "checkpoint.keep_latest", "must be >= 2")
+    require(cfg.zo.calib_sequences > 0, "zo.calib_sequences", "must be positive")
+    require(0 < cfg.zo.calib_seq_len <= 1024, "zo.calib_seq_len", "must be in 1..1024")
+    require(bool(cfg.zo.patterns), "zo.patterns", "must name at least one pattern ('' matches all)")
+    check_schedule(cfg.train)
+    require(cfg.train.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
+    require(cfg.data.max_len >= 4, "data.max_len", "must be >= 4")
+    require(cfg.data.train_examples >= 0, "data.train_examples", "must be >= 0 (0: all)")
+    require(cfg.data.val_examples >= 0, "data.val_examples", "must be >= 0 (0: all)")
+    require("{text}" in cfg.data.template, "data.template", "needs a {text} placeholder")
+    check_checkpoint(cfg.checkpoint)
     load_ds_config(cfg.deepspeed_config)
 
 
