@@ -41,6 +41,15 @@ def kill_when(run_args, launcher, nproc, ready, env=None, timeout=300):
         proc.wait()
 
 
+def rewound_copy(run_dir, dest):
+    """A copy of a finished 8-step run whose newest checkpoint is step 4 again: resuming it
+    rewrites steps 5..8, which must match the original run's."""
+    shutil.copytree(run_dir, dest)
+    shutil.rmtree(dest / "checkpoints" / f"step_{STEPS:08d}")
+    (dest / "checkpoints" / "latest").write_text("step_00000004\n")
+    return dest
+
+
 def rows_at_least(run_dir, n):
     f = run_dir / "metrics.jsonl"
     return lambda: f.exists() and len(f.read_text().splitlines()) >= n
@@ -149,11 +158,8 @@ def test_two_ranks_saved_one_rank_resumes(tmp_path, save_stage, resume_stage, la
     common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + TINY
     run_pretrain(["--run_dir", str(tmp_path / "whole"), "--deepspeed_config", str(ds2)] + common,
                  launcher="deepspeed", nproc=2)
-    # move the run to one rank from its step-6 checkpoint; the 2-rank steps 7..12 get rewritten
-    run = tmp_path / "moved"
-    shutil.copytree(tmp_path / "whole", run)
-    shutil.rmtree(run / "checkpoints" / "step_00000008")
-    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    # move the run to one rank from its step-4 checkpoint; the 2-rank steps 5..8 get rewritten
+    run = rewound_copy(tmp_path / "whole", tmp_path / "moved")
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common,
                  launcher=launcher, nproc=1)
     got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
@@ -182,10 +188,7 @@ def test_bf16_block_run_matches_one_rank_and_resumes_its_masters_at_one_rank(tmp
     states = [sh["state"] for sh in shards]
     masters = [n for st in states for n, block in st["blocks"].items() if block["master"].dtype == torch.float32]
     assert sorted(masters) == sorted(states[0]["selected"])  # each selected block's master, once
-    run = tmp_path / "moved"
-    shutil.copytree(tmp_path / "whole", run)
-    shutil.rmtree(run / "checkpoints" / "step_00000008")
-    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    run = rewound_copy(tmp_path / "whole", tmp_path / "moved")
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common)
     got = last_loss_per_step(run)
     np.testing.assert_allclose([got[s] for s in range(5, STEPS + 1)], [want[s] for s in range(5, STEPS + 1)],
@@ -202,10 +205,7 @@ def test_fsdp2_checkpoint_resumes_elsewhere(tmp_path, optim, resume):
     common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + optim + TINY
     run_pretrain(["--run_dir", str(tmp_path / "whole"), "--backend", "fsdp", "--deepspeed_config",
                   str(ds2)] + common, launcher="torchrun", nproc=2)
-    run = tmp_path / "moved"
-    shutil.copytree(tmp_path / "whole", run)
-    shutil.rmtree(run / "checkpoints" / "step_00000008")
-    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    run = rewound_copy(tmp_path / "whole", tmp_path / "moved")
     nproc = 3 if "fsdp" in resume else 1
     ds = write_ds_config(tmp_path / "dsn.json", micro=1, accum=6 // nproc)
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds), "--resume", "auto"] + resume + common,
@@ -235,10 +235,7 @@ def test_block_state_saved_at_two_ranks_resumes_at_other_world_sizes(tmp_path, b
     saved = torch.load(block_two_rank_run / "checkpoints" / "step_00000004" / "optim_rank00001.pt",
                        weights_only=True)["state"]
     assert saved["blocks"] and set(saved["blocks"]) < set(saved["selected"])  # rank 1 kept its own only
-    run = tmp_path / "moved"
-    shutil.copytree(block_two_rank_run, run)
-    shutil.rmtree(run / "checkpoints" / "step_00000008")
-    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    run = rewound_copy(block_two_rank_run, tmp_path / "moved")
     dsn = write_ds_config(tmp_path / "dsn.json", micro=1, accum=GLOBAL_MICRO // new_world, stage=2)
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(dsn), "--resume", "auto"] + BLOCK_RESUME,
                  launcher="deepspeed", nproc=new_world)
@@ -267,10 +264,7 @@ def test_two_node_checkpoint_resumes_on_one_node(tmp_path):
     ds1 = write_ds_config(tmp_path / "ds1.json", micro=2, accum=2)
     common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + BLOCK + TINY
     run_two_nodes(["--run_dir", str(tmp_path / "whole"), "--deepspeed_config", str(ds2)] + common, tmp_path)
-    run = tmp_path / "moved"
-    shutil.copytree(tmp_path / "whole", run)
-    shutil.rmtree(run / "checkpoints" / "step_00000008")
-    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    run = rewound_copy(tmp_path / "whole", tmp_path / "moved")
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common,
                  launcher="deepspeed", nproc=1)
     got, want = last_loss_per_step(run), last_loss_per_step(tmp_path / "whole")
