@@ -1,7 +1,7 @@
 """Pretrain a Llama on C4.
 
     deepspeed launch/pretrain.py                                   # tiny default, shipped C4 sample
-    deepspeed --num_gpus 8 launch/pretrain.py --config configs/llama_60m_block.yaml
+    deepspeed --num_gpus 8 launch/pretrain.py --config configs/blockllm_paper.yaml
     torchrun --nproc_per_node 2 launch/pretrain.py
     python launch/pretrain.py --help
 """

@@ -1,6 +1,6 @@
 """The run configuration: typed, nested dataclasses, a YAML/JSON file, and dotted CLI overrides.
 
-    python launch/pretrain.py --config configs/llama_60m_block.yaml --optim.lr 3e-3 --data.seq_len 256
+    python launch/pretrain.py --config configs/blockllm_paper.yaml --optim.lr 3e-3 --data.seq_len 256
 
 Every field carries its documentation (`--help` prints it). DeepSpeed's own settings
 (micro-batch, gradient accumulation, precision, ZeRO stage, clipping) are NOT here: they live
@@ -84,9 +84,18 @@ class OptimConfig:
     patience: int = doc(100, "block: BlockLLM's reselection patience (losses compared).")
     check_every: int = doc(1000, "block: check the patience rule every N steps (BlockLLM's update_freq).")
     reselect_every: int = doc(0, "block: also reselect every N steps regardless of loss (0: off).")
-    frozen_patterns: list = doc(["embed", "lm_head"], "block: parameter-name substrings never "
-                                "trained (BlockLLM freezes embedding and head); [] lets them compete "
-                                "in row chunks.")
+    frozen_patterns: list = doc([], "block: parameter-name substrings never trained (BlockLLM "
+                                "freezes embedding and head: configs/blockllm_paper.yaml); a tensor "
+                                "in neither this nor optim.always_train competes for selection "
+                                "(in row chunks if larger than the budget).")
+    always_train: list = doc(["embed", "lm_head", "norm"], "block: parameter-name substrings trained "
+                             "every step with Adam (8-bit moments with optim.eight_bit), outside the "
+                             "selection budget, state on one owner; [] for BlockLLM's setting.")
+    inactive: str = doc("sign", "block: what the candidate blocks that are not selected do each step: "
+                        "sign (FRUGAL: state-free signSGD on the averaged gradient, every block moves "
+                        "every step) or none (BlockLLM/BAdam: frozen, no gradient computed).",
+                        ("none", "sign"))
+    inactive_lr_scale: float = doc(1.0, "block: the sign step's LR as a multiple of the scheduled LR.")
     max_block_fraction: float = doc(0.5, "block: largest row chunk of a big tensor, as a fraction "
                                     "of the parameter budget.")
     keep_state_on_reselect: bool = doc(False, "block: keep Adam moments of blocks that stay "
@@ -328,6 +337,10 @@ def check_optim(o: OptimConfig, names: list[str]) -> None:
     require(o.check_every > 0, "optim.check_every", "must be positive")
     require(o.reselect_every >= 0, "optim.reselect_every", "must be >= 0 (0: off)")
     require(0.0 < o.max_block_fraction <= 1.0, "optim.max_block_fraction", "must be in (0, 1]")
+    require(o.inactive_lr_scale > 0, "optim.inactive_lr_scale", "must be positive")
+    both = sorted(set(o.always_train) & set(o.frozen_patterns))
+    require(not both, "optim.always_train", f"shares {both} with optim.frozen_patterns: a tensor is "
+            "either always trained or never; remove it from one list")
 
 
 def check_schedule(t) -> None:

@@ -38,14 +38,17 @@ def _block(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float, **den
         keep_state_on_reselect=cfg.keep_state_on_reselect, max_grad_norm=max_grad_norm,
         debug_checks=cfg.debug_checks, projection=cfg.projection, rank=cfg.rank,
         update_proj_gap=cfg.update_proj_gap, proj_scale=cfg.proj_scale, svd=cfg.svd,
-        proj_patterns=tuple(cfg.proj_patterns), eight_bit=cfg.eight_bit, **dense)
+        proj_patterns=tuple(cfg.proj_patterns), eight_bit=cfg.eight_bit,
+        always_train=tuple(cfg.always_train), inactive=cfg.inactive,
+        inactive_lr_scale=cfg.inactive_lr_scale, **dense)
 
 
 def _dense(projection: str):
     """GaLore / GradNormLoRP as published: every parameter trained (no selection, nothing
     frozen), each tensor's state on one owner rank."""
     def build(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float) -> torch.optim.Optimizer:
-        return _block(dataclasses.replace(cfg, projection=projection, frozen_patterns=[], density=1.0), model,
+        return _block(dataclasses.replace(cfg, projection=projection, frozen_patterns=[], density=1.0,
+                                          always_train=[], inactive="none"), model,
                       max_grad_norm, select_all=True)
     return build
 

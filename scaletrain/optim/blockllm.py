@@ -48,6 +48,9 @@ from torch.distributed.tensor import DTensor
 from scaletrain.optim.update_rules import Hyper, build_rule
 
 BUCKET_BYTES = 32 * 2**20  # gradient all-reduce bucket: bounds the flat buffer's extra memory
+# what the candidate blocks that are not selected do: none (BlockLLM, BAdam: frozen, no gradient)
+# or sign (FRUGAL's state-free signSGD on the step's averaged gradient)
+INACTIVE_RULES = ("none", "sign")
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,20 @@ def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
+def pack_signs(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) as 2-bit codes (bit 0: positive, bit 1: negative), four per byte; len(x) % 4 == 0."""
+    codes = (x > 0).to(torch.uint8) | ((x < 0).to(torch.uint8) << 1)
+    codes = codes.view(-1, 4)
+    return codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
+
+
+def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
+    """The fp32 signs (+1, -1 or 0) that pack_signs encoded."""
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(1) >> shifts) & 3
+    return ((codes & 1).float() - (codes >> 1).float()).view(-1)
+
+
 class BlockOptimizer(torch.optim.Optimizer):
     """AdamW on a globally selected set of blocks; state keyed by block name.
 
@@ -154,6 +171,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                  keep_state_on_reselect=False, max_grad_norm=0.0, debug_checks=False,
                  projection="none", rank=128, update_proj_gap=200, proj_scale=0.25, svd="lowrank",
                  proj_patterns=("attn", "mlp"), eight_bit=False, select_all=False,
+                 always_train=(), inactive="none", inactive_lr_scale=1.0,
                  process_group=None):
         named = list(named_params)
         super().__init__([p for _, p in named], dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -162,9 +180,20 @@ class BlockOptimizer(torch.optim.Optimizer):
         # of every selected block (ZeRO-3 for the selected blocks) and FSDP reduces gradients
         self.fsdp = any(isinstance(p, DTensor) for p in self.params.values())
         self.n_params = sum(p.numel() for p in self.params.values())
-        self.blocks, self.budget = partition_blocks(((n, p.shape) for n, p in named),
+        if inactive not in INACTIVE_RULES:
+            raise ValueError(f"inactive={inactive!r}: choose one of {INACTIVE_RULES}")
+        both = [n for n, _ in named if any(p in n for p in frozen_patterns) and any(p in n for p in always_train)]
+        if both:
+            raise ValueError(f"{both[0]} matches both frozen_patterns and always_train: remove it from one")
+        # always-trained tensors (embedding, head, norms) are whole blocks outside the selection
+        # budget: Adam every step, state on one owner, like a selected block that never leaves
+        self.always_blocks = [Block(n, n, None, p.numel()) for n, p in named
+                              if any(pat in n for pat in always_train)]
+        always = {b.name for b in self.always_blocks}
+        self.blocks, self.budget = partition_blocks(((n, p.shape) for n, p in named if n not in always),
                                                     tuple(frozen_patterns), density, max_block_fraction)
-        self.block_by_name = {b.name: b for b in self.blocks}
+        self.block_by_name = {b.name: b for b in self.blocks + self.always_blocks}
+        self.inactive, self.inactive_lr_scale = inactive, inactive_lr_scale
         self.selector = BlockSelector(self.blocks, self.budget)
         self.patience, self.check_every, self.reselect_every = patience, check_every, reselect_every
         self.keep_state_on_reselect = keep_state_on_reselect
@@ -178,7 +207,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         # projected or 8-bit state needs the whole block, so each is gathered to its owner
         self.fsdp_rows = self.fsdp and projection == "none" and not eight_bit
         self.zero_stage = 2  # the engine sets the ds_config's stage (see the module docstring)
-        self.selected: list[str] = []
+        self.selected: list[str] = []  # every block Adam updates now: the chosen + the always-trained
+        self.chosen: list[str] = []    # the candidate blocks the last selection chose
         self.owners: dict[str, int] = {}
         self.block_state: dict[str, dict] = {}  # only for the blocks this rank owns
         self.losses_since_selection: list[float] = []
@@ -231,7 +261,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._pending_step = step
         if self.select_all:
             return False
-        if not self.selected:
+        if not self.chosen:
             return True
         if self.reselect_every and step % self.reselect_every == 0:
             return True
@@ -289,7 +319,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         leaves FSDP nothing to reduce-scatter."""
         t0 = time.perf_counter()
         index = {b.name: i for i, b in enumerate(self.blocks)}
-        sq_norms = torch.zeros(len(self.blocks), dtype=torch.float64)
+        # on the device, read once after the all-reduce: no host sync per parameter and micro-batch
+        sq_norms = torch.zeros(len(self.blocks), dtype=torch.float64, device=self.device)
         by_param: dict[str, list[Block]] = {}
         for b in self.blocks:
             by_param.setdefault(b.param, []).append(b)
@@ -299,10 +330,12 @@ class BlockOptimizer(torch.optim.Optimizer):
                 g = p.grad.detach().float()
                 for b in blocks:
                     part = g if b.rows is None else g[b.rows[0]:b.rows[1]]
-                    sq_norms[index[b.name]] += part.pow(2).sum().item()
+                    sq_norms[index[b.name]] += part.pow(2).sum().double()
                 p.grad = None  # free at once: all gradients never coexist
             return hook
 
+        for b in self.always_blocks:  # not measured, and their gradient must not carry into the step
+            self.params[b.param].requires_grad_(False)
         handles = []
         for name, blocks in by_param.items():
             p = self.params[name]
@@ -319,31 +352,42 @@ class BlockOptimizer(torch.optim.Optimizer):
             for h in handles:
                 h.remove()
         if self._world() > 1:  # the one collective of a selection (on the device: nccl has no CPU)
-            on_device = sq_norms.to(self.device)
-            dist.all_reduce(on_device, group=self.group)
-            sq_norms = on_device.cpu()
-        norms = {b.name: math.sqrt(sq_norms[i].item()) for i, b in enumerate(self.blocks)}
+            dist.all_reduce(sq_norms, group=self.group)
+        norms = dict(zip(self.block_names, sq_norms.sqrt().tolist()))
         self._apply_selection(self.selector.select(norms, self._pending_step))
         self._selection_time = time.perf_counter() - t0
 
-    def _apply_selection(self, names: list[str]) -> None:
-        old, new = set(self.selected), set(names)
+    def _apply_selection(self, chosen: list[str]) -> None:
+        old, new = set(self.chosen), set(chosen)
         self._churn = len(old ^ new)
         old_owners = self.owners
+        always = [b.name for b in self.always_blocks]
+        names = sorted(always + list(chosen))
         self.owners = owner_map([self.block_by_name[n] for n in names], self._world())
-        keep = old & new if self.keep_state_on_reselect else set()
+        keep = (old & new if self.keep_state_on_reselect else set()) | (set(always) if self.selected else set())
         self._move_state(sorted(keep), old_owners)
-        self.selected = list(names)
-        self.selection_history.append(list(names))
+        self.chosen, self.selected = list(chosen), names
+        self.selection_history.append(list(chosen))
         self.last_selection_step = self._pending_step
         self.losses_since_selection = []  # BlockLLM clears the history on every reselection
-        trained = {self.block_by_name[n].param for n in names}
-        for name, p in self.params.items():
-            p.requires_grad_(name in trained)
-            p.grad = None
+        self._set_requires_grad()
         self._hook_trained_params()
         if self.debug_checks:
             self.assert_same_selection_on_all_ranks()
+
+    def _set_requires_grad(self) -> None:
+        """Gradients exist for the blocks Adam updates and, with a sign rule, for every candidate."""
+        trained = {self.block_by_name[n].param for n in self.selected}
+        if self.inactive != "none":
+            trained |= {b.param for b in self.blocks}
+        for name, p in self.params.items():
+            p.requires_grad_(name in trained)
+            p.grad = None
+
+    def _inactive_blocks(self) -> list[Block]:
+        """Candidate blocks not chosen now: the ones the inactive rule updates (sign) or skips."""
+        chosen = set(self.chosen)
+        return [b for b in self.blocks if b.name not in chosen]
 
     def _move_state(self, kept: list[str], old_owners: dict[str, int]) -> None:
         """Keep the state of blocks that stay selected; send it to the new owner where it moved,
@@ -358,7 +402,8 @@ class BlockOptimizer(torch.optim.Optimizer):
                 continue  # (FSDP, stage 0: every rank already holds its part of every kept state)
             peer = self._global_rank(dst if rank == src else src)
             block = self.block_by_name[name]
-            st = self.block_state[name] if rank == src else self._new_state(block, self._block_like(block))
+            st = self.block_state.get(name) if rank == src else None  # (none yet: never updated)
+            st = st or self._new_state(block, self._block_like(block))
             numbers = torch.tensor([float(st[k]) for k in sorted(st) if not torch.is_tensor(st[k])],
                                    dtype=torch.float64, device=self.device)
             for key in sorted(k for k in st if torch.is_tensor(st[k])):
@@ -414,7 +459,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         return t[lo - offset:hi - offset]
 
     def _grad(self, b: Block) -> torch.Tensor | None:
-        g = self._grad32.get(b.param) if self.master_weights else self.params[b.param].grad
+        g = self._grad32.get(b.param)  # fp32 accumulator (master_weights), else the gradient itself
+        g = self.params[b.param].grad if g is None else g
         return None if g is None else self._local(b, g)
 
     def _weight(self, b: Block) -> torch.Tensor:
@@ -485,9 +531,12 @@ class BlockOptimizer(torch.optim.Optimizer):
         blocks = [self.block_by_name[n] for n in self.selected if self._grad(self.block_by_name[n]) is not None]
         by_owner = {r: [b for b in blocks if self.owners[b.name] == r] for r in range(world)}
         sharded = world > 1 and self.zero_stage > 0 and not self.fsdp
-        sent = 0
+        # first the inactive blocks' sign step (it needs their gradients before stage 2 drops
+        # the tensors they share with chosen row chunks); their squares join the clip norm
+        sq_inactive, sent = self._inactive_step(lr * self.inactive_lr_scale, wd, sharded)
         if self.fsdp and not self.fsdp_rows:
-            self.wire_bytes_last_step = self._fsdp_owner_step(blocks, Hyper(lr, beta1, beta2, eps, wd))
+            self.wire_bytes_last_step = sent + self._fsdp_owner_step(blocks, Hyper(lr, beta1, beta2, eps, wd),
+                                                                     sq_inactive)
             return loss
         if self.fsdp:
             pass  # FSDP reduce-scattered (averaged) the selected gradients in backward
@@ -502,7 +551,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         # per-block fp32 squares summed in fp64: exact for any grouping of blocks over ranks, so the
         # clip coefficient does not depend on the world size (bf16 weights would amplify its last bit)
         sq = (torch.stack([g.pow(2).sum() for g in grads]).double().sum() if grads
-              else torch.zeros((), dtype=torch.float64, device=self.device)).reshape(1)
+              else torch.zeros((), dtype=torch.float64, device=self.device)).reshape(1) + sq_inactive
         if sharded or (self.fsdp and world > 1):
             dist.all_reduce(sq, group=self.group)  # the global norm over all selected blocks
         norm = sq.sqrt().float()[0]
@@ -531,6 +580,71 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._grad32 = {}  # consumed (DeepSpeed's engine clears p.grad itself, not through zero_grad)
         return loss
 
+    # ------------------------------------------------------------------ inactive blocks
+    def _inactive_step(self, lr: float, wd: float, sharded: bool) -> tuple[torch.Tensor, int]:
+        """signSGD on every candidate block not chosen now (inactive="sign"): w -= lr * sign(g) of
+        the gradient averaged over all ranks, no state. Returns (this rank's share of the squared
+        gradient norm, wire bytes).
+
+        Sharded stages (1, 2) reduce-scatter the gradients (each rank averages 1/W of them), take
+        the signs there and all-gather them at 2 bits a value: about half a DDP all-reduce's
+        bytes, and every rank applies the same signs, so W ranks equal one. Stage 0 all-reduces;
+        FSDP2 has already reduce-scattered the rows each rank updates."""
+        zero = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if self.inactive == "none":
+            return zero, 0
+        blocks = [b for b in self._inactive_blocks() if self._grad(b) is not None]
+        grads = [self._grad(b) for b in blocks]
+        sent = 0
+        if sharded:
+            sq, sent = self._sign_step_sharded(blocks, grads, lr, wd)
+            self._drop_inactive_grads()
+            return sq, sent
+        if self._world() > 1 and not self.fsdp:
+            sent = self._all_reduce(grads)
+        sq = sum((g.double().pow(2).sum() for g in grads), zero)
+        for b, g in zip(blocks, grads):
+            self._apply_sign(self._weight(b), torch.sign(g), lr, wd)
+        self._drop_inactive_grads()
+        return sq, sent
+
+    def _sign_step_sharded(self, blocks, grads, lr: float, wd: float) -> tuple[torch.Tensor, int]:
+        world, rank = self._world(), self._rank()
+        sq = torch.zeros(1, dtype=torch.float64, device=self.device)
+        sent, start = 0, 0
+        for bucket in self._buckets(grads):
+            n = sum(g.numel() for g in bucket)
+            padded = math.ceil(n / (4 * world)) * 4 * world  # whole bytes of 2-bit codes per rank
+            flat = torch.zeros(padded, dtype=torch.float32, device=self.device)
+            torch.cat([g.reshape(-1).float() for g in bucket], out=flat[:n])
+            shard = torch.empty(padded // world, dtype=torch.float32, device=self.device)
+            dist.reduce_scatter_tensor(shard, flat, group=self.group)
+            shard /= world
+            sq += shard.double().pow(2).sum()
+            packed = torch.empty(padded // 4, dtype=torch.uint8, device=self.device)
+            dist.all_gather_into_tensor(packed, pack_signs(shard), group=self.group)
+            signs = unpack_signs(packed)[:n]
+            sent += (world - 1) * (flat.numel() * 4 + packed.numel()) // world
+            offset = 0
+            for b, g in zip(blocks[start:start + len(bucket)], bucket):
+                self._apply_sign(self._weight(b), signs[offset:offset + g.numel()].view_as(g), lr, wd)
+                offset += g.numel()
+            start += len(bucket)
+        return sq, sent
+
+    @staticmethod
+    def _apply_sign(weight: torch.Tensor, sign: torch.Tensor, lr: float, wd: float) -> None:
+        if wd:
+            weight.mul_(1 - lr * wd)  # decoupled, as the Adam blocks' AdamW
+        weight.add_(sign.to(weight.dtype), alpha=-lr)
+
+    def _drop_inactive_grads(self) -> None:
+        """Gradients of tensors no chosen block shares are used up by the sign step."""
+        adam = {self.block_by_name[n].param for n in self.selected}
+        for b in self.blocks:
+            if b.param not in adam:
+                self.params[b.param].grad = None
+
     def _new_state(self, b: Block, weight: torch.Tensor) -> dict:
         """The rule's state for a block; with master weights, on an fp32 copy of the weight,
         which is kept in the state as "master" (saved, moved and resharded like the moments)."""
@@ -546,10 +660,19 @@ class BlockOptimizer(torch.optim.Optimizer):
         return sum(t.numel() * t.element_size() for s in self.block_state.values()
                    for t in s.values() if torch.is_tensor(t))
 
+    def always_state_bytes(self) -> int:
+        """The part of state_bytes() that belongs to the always-trained tensors (reported apart)."""
+        always = {b.name for b in self.always_blocks}
+        return sum(t.numel() * t.element_size() for n, s in self.block_state.items() if n in always
+                   for t in s.values() if torch.is_tensor(t))
+
     def stats(self) -> dict:
-        selected = sum(self.block_by_name[n].numel for n in self.selected)
+        selected = sum(self.block_by_name[n].numel for n in self.chosen)
+        inactive = sum(b.numel for b in self._inactive_blocks()) if self.inactive != "none" else 0
         return {"selected_params": selected, "selected_fraction": selected / self.n_params,
-                "selected_blocks": len(self.selected), "selection_churn": self._churn,
+                "always_params": sum(b.numel for b in self.always_blocks), "inactive_params": inactive,
+                "always_state_bytes": self.always_state_bytes(),
+                "selected_blocks": len(self.chosen), "selection_churn": self._churn,
                 "selection_time_s": self._selection_time, "optim_state_bytes": self.state_bytes(),
                 "wire_bytes": self.wire_bytes_last_step, "grad_norm": self.last_grad_norm,
                 "owner_imbalance": self.owner_imbalance()}
@@ -569,6 +692,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         return {
             "blocks": self._gathered_fsdp_state() if self.fsdp_rows else {n: dict(s) for n, s in self.block_state.items()},
             "selected": list(self.selected),
+            "chosen": list(self.chosen),
             "owners": dict(self.owners),  # at the saving world size; recomputed on load
             "visits": dict(self.selector.visits),
             "losses_since_selection": list(self.losses_since_selection),
@@ -577,13 +701,13 @@ class BlockOptimizer(torch.optim.Optimizer):
             "lr": self.param_groups[0]["lr"],
         }
 
-    def _fsdp_owner_step(self, blocks: list[Block], hyper: Hyper) -> int:
+    def _fsdp_owner_step(self, blocks: list[Block], hyper: Hyper, sq_inactive: torch.Tensor) -> int:
         """FSDP2 with projected or 8-bit states: FSDP reduce-scattered the gradient rows; each
         block's rows of gradient and weight are gathered to its owner, which runs the rule on
         the whole block and scatters the new rows back. Returns bytes sent (counted as sent)."""
         rank, sent = self._rank(), 0
         sq = sum((self._grad(b).double().pow(2).sum() for b in blocks),
-                 torch.zeros((), dtype=torch.float64, device=self.device)).reshape(1)
+                 torch.zeros((), dtype=torch.float64, device=self.device)).reshape(1) + sq_inactive
         dist.all_reduce(sq, group=self.group)  # the global norm, from the local rows
         norm = float(sq.sqrt())
         self.last_grad_norm = norm
@@ -664,7 +788,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         return {k: (v[lo - a:hi - a].clone().to(self.device) if torch.is_tensor(v) else v) for k, v in st.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        unknown = set(state["selected"]) - set(self.block_by_name)
+        unknown = set(state.get("chosen", state["selected"])) - {b.name for b in self.blocks}
         if unknown:
             raise ValueError(f"saved selection has blocks this model/config does not: {sorted(unknown)[:3]}"
                              " (a different model.preset, optim.density or optim.frozen_patterns?)")
@@ -673,16 +797,15 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.selection_history = [list(h) for h in state["selection_history"]]
         self.last_selection_step = state["last_selection_step"]
         self.param_groups[0]["lr"] = state["lr"]
-        self.selected = list(state["selected"])
+        always = sorted(b.name for b in self.always_blocks)
+        self.chosen = list(state.get("chosen", state["selected"]))  # (saved before always-trained tensors existed)
+        self.selected = sorted(always + self.chosen)
         self.owners = owner_map([self.block_by_name[n] for n in self.selected], self._world())
         missing = [n for n in self.owned() if n not in state["blocks"]]
         if missing:
             raise ValueError(f"saved optimizer state lacks blocks this rank now owns: {missing[:3]}")
         self.block_state = {n: self._local_state(self.block_by_name[n], state["blocks"][n]) for n in self.owned()}
-        trained = {self.block_by_name[n].param for n in self.selected}
-        for name, p in self.params.items():
-            p.requires_grad_(name in trained)
-            p.grad = None
+        self._set_requires_grad()
         self._adopt_masters()
         self._hook_trained_params()
 
