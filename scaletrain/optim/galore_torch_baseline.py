@@ -48,11 +48,20 @@ class NamedGaLoreState:
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_whole_matrices()
         loss = super().step(closure)
         for st in self.state.values():
             if "projector" in st:  # refits replace the tensor: keep the state's reference current
                 st["basis"] = st["projector"].ortho_matrix
         return loss
+
+    def _check_whole_matrices(self) -> None:
+        """GaLore projects whole 2-D weights: DeepSpeed ZeRO-1/2 hands the client optimizer flat
+        1-D partitions and FSDP2 row shards (galore-torch would fail deep inside, or project a shard)."""
+        for group in self.param_groups:
+            if "rank" in group and any(p.dim() != 2 or hasattr(p, "full_tensor") for p in group["params"]):
+                raise RuntimeError("optim.name galore_torch needs whole 2-D weights: run it with "
+                                   "zero_optimization.stage 0 in the deepspeed_config and not under FSDP")
 
     def state_dict(self) -> dict:
         """{STATE_KEY: {parameter name: step, moments, basis}}: tensors and numbers only."""

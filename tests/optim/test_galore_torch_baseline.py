@@ -117,3 +117,13 @@ def test_another_optimizers_state_is_refused():
     opt, _ = build_optimizer(CFG, tiny_model())
     with pytest.raises(CheckpointError, match="not galore_torch's"):
         opt.load_state_dict_shards([{"blocks": {}, "selected": []}])
+
+
+def test_flat_partitions_are_refused_with_the_fix():
+    """DeepSpeed ZeRO-1/2 gives the client optimizer flat 1-D partitions instead of the weights."""
+    opt, _ = build_optimizer(CFG, tiny_model())
+    flat = torch.nn.Parameter(torch.zeros(16))
+    flat.grad = torch.ones(16)
+    opt.param_groups[1]["params"] = [flat]
+    with pytest.raises(RuntimeError, match="zero_optimization.stage 0"):
+        opt.step()
