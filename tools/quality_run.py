@@ -290,7 +290,9 @@ def results_table(protocol: dict, modes: dict[str, dict]) -> str:
         f"({p['nproc']} rank(s)), seeds {p['seeds']}, warm-up {p['warmup_steps']} steps then cosine; "
         f"training text {Path(p['data']).name}; held-out: {p['eval_windows']} windows of the C4 validation sample.",
         "Gaps are in nats against AdamW at its best LR (same seed for per-seed gaps); the LR shown is the "
-        "best mean over seeds of the grid (all tried: results.json).",
+        "best mean over seeds of the grid (all tried: results.json). State bytes are measured at the end, "
+        "summed over ranks (state replicated at ZeRO stage 0 counts once per rank); step time includes "
+        "loading the batch.",
         "",
         "| mode | LR | held-out loss (mean) | per seed | vs AdamW, nats | per seed | ppl | state B/param "
         "| step time incl. data | vs AdamW | wire B/step |",
@@ -377,7 +379,9 @@ def parse_args(argv):
     p.add_argument("--eval_every", type=int, default=50)
     p.add_argument("--eval_windows", type=int, default=256)
     p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun; multiplies the batch)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks per run (torchrun): multiplies the batch; the deepspeed_config's ZeRO "
+                        "stage (default 0: state replicated) applies to every mode")
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further launch/pretrain.py options for every run (put last)")
