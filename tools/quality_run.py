@@ -126,7 +126,7 @@ def trainer_options(run: Run, args) -> list[str]:
               "--train.warmup_steps", str(warmup_steps(args.steps)),
               "--train.eval_every", str(args.eval_every), "--train.eval_windows", str(args.eval_windows),
               "--train.log_every", str(args.eval_every), "--checkpoint.every_steps", "-1",
-              "--optim.lr", f"{run.lr:g}"]
+              "--optim.lr", repr(run.lr)]
     return shared + list(MODES[run.mode].options) + list(args.extra)
 
 
@@ -150,8 +150,10 @@ def check_options(runs: list[Run], args) -> None:
 # --------------------------------------------------------------------------- train
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a last line cut short by a kill is not a row."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    whole_lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in whole_lines]
 
 
 def is_complete(run_dir: Path, steps: int) -> bool:

@@ -71,7 +71,7 @@ def test_protocol_outputs_then_incremental_rerun(tmp_path):
     kept = out / "adamw_lr0.001_s0" / "metrics.jsonl"
     kept_mtime = kept.stat().st_mtime_ns
     cut = out / "galore_torch_lr0.01_s0" / "metrics.jsonl"
-    cut.write_text(cut.read_text().splitlines()[0] + "\n")
+    cut.write_text(cut.read_text().splitlines()[0] + '\n{"step": 6, "eval_l')  # killed mid-write
     second = quality_run(tmp_path)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
     assert second.stdout.count("complete, reused") == 2
