@@ -181,9 +181,11 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
     metrics = MetricsWriter(run_dir, ctx.is_main)
     bar = ProgressBar(cfg.train.steps, start, ctx.is_main)
     step_times: list[float] = []
+    step_times_incl_data: list[float] = []  # the same steps, with loading their batches
     heatmap_at = 0
     row: dict = {}
     for step in range(start, cfg.train.steps):
+        t_data = time.perf_counter()
         batches = loader.next_step()
         t0 = time.perf_counter()
         if is_block and optimizer.wants_selection(step):
@@ -193,13 +195,15 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
             optimizer.record_loss(loss)
         dt = time.perf_counter() - t0
         step_times.append(dt)
+        step_times_incl_data.append(time.perf_counter() - t_data)
         bar.update(loss, tokens_per_step / dt)
         done = step + 1
         row = {"loss": loss}
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             row.update(_step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step,
                                      step_times, n_params))
-            step_times = []
+            row["step_time_incl_data_s"] = sum(step_times_incl_data) / len(step_times_incl_data)
+            step_times, step_times_incl_data = [], []
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
             eval_loss = evaluate(engine.module, val_batches, ctx)
             row.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50.0)))

@@ -43,7 +43,7 @@ MODES = {  # optimizer config and the ZeRO stage DeepSpeed runs it at
     "adamw": ({"name": "adamw"}, 0),
     "zero1": ({"name": "adamw"}, 1),
     "zero2": ({"name": "adamw"}, 2),
-    "galore_torch": ({"name": "adamw"}, 0),  # replaced by galore-torch's GaLoreAdamW below
+    "galore_torch": ({"name": "galore_torch"}, 0),  # galore-torch's GaLoreAdamW (needs whole weights: stage 0)
     "galore": ({"name": "galore"}, 2),
     "gradnorm_lorp": ({"name": "gradnorm_lorp"}, 2),
     "block": ({"name": "block"}, 2),
@@ -51,29 +51,6 @@ MODES = {  # optimizer config and the ZeRO stage DeepSpeed runs it at
     "block_galore_8bit": ({"name": "block", "projection": "galore", "eight_bit": True}, 2),
     "block_gradnorm_lorp": ({"name": "block", "projection": "gradnorm_lorp"}, 2),
 }
-
-
-def galore_torch_optimizer(model, args):
-    """The external reference: galore-torch's GaLoreAdamW set up as GaLore's own C4 script does
-    (attention and MLP weights projected at rank r, gap 200, scale 0.25; the rest plain Adam)."""
-    from galore_torch import GaLoreAdamW
-
-    lowrank = [p for n, p in model.named_parameters() if p.dim() == 2 and ("attn" in n or "mlp" in n)]
-    ids = {id(p) for p in lowrank}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    return GaLoreAdamW([{"params": rest}, {"params": lowrank, "rank": args.rank, "update_proj_gap": 200,
-                                           "scale": 0.25, "proj_type": "std"}],
-                       lr=args.lr, eps=1e-8, no_deprecation_warning=True)
-
-
-def galore_torch_state_bytes(optimizer) -> int:
-    """Its projector lives in the state as a Python object; count its basis tensor too."""
-    total = 0
-    for st in optimizer.state.values():
-        total += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
-        basis = getattr(st.get("projector"), "ortho_matrix", None)
-        total += basis.numel() * basis.element_size() if basis is not None else 0
-    return total
 
 
 def refits(optimizer) -> int:
@@ -92,8 +69,6 @@ def run_mode(mode: str, args) -> dict:
     optim_cfg, stage = MODES[mode]
     cfg = OptimConfig(lr=args.lr, density=args.density, rank=args.rank, **optim_cfg)
     optimizer, syncs = build_optimizer(cfg, model, max_grad_norm=1.0)
-    if mode == "galore_torch":
-        optimizer = galore_torch_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args.steps, 0, 1.0)
     ds = {"train_micro_batch_size_per_gpu": args.micro // world, "gradient_accumulation_steps": 1,
           "gradient_clipping": 1.0, "bf16": {"enabled": False}, "zero_optimization": {"stage": stage},
@@ -116,8 +91,7 @@ def run_mode(mode: str, args) -> dict:
         refitted = refits(optimizer) > refits_before or (mode == "galore_torch" and step % 200 == 0)
         (selection if selecting else svd if refitted else steady).append(time.perf_counter() - t0)
     n_params = count_params(model)
-    state = (galore_torch_state_bytes(optimizer) if mode == "galore_torch"
-             else optimizer_state_bytes(engine.optimizer if stage else optimizer))
+    state = optimizer_state_bytes(engine.optimizer if stage else optimizer)
     wire = optimizer.stats()["wire_bytes"] if hasattr(optimizer, "stats") else None
     ddp_bytes = 2 * (world - 1) / world * 4 * n_params
     return {

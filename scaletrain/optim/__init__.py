@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from scaletrain.config import OptimConfig
+from scaletrain.optim.galore_torch_baseline import build_galore_torch
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
     "block": OptimizerEntry(_block, syncs_grads=True),
     "galore": OptimizerEntry(_dense("galore"), syncs_grads=True),
     "gradnorm_lorp": OptimizerEntry(_dense("gradnorm_lorp"), syncs_grads=True),
+    "galore_torch": OptimizerEntry(build_galore_torch, syncs_grads=False),  # galore-torch's GaLoreAdamW
 }
 
 
