@@ -83,7 +83,8 @@ class OptimConfig:
                          "(BlockLLM's sparsity_level is 1 - density).")
     patience: int = doc(100, "block: BlockLLM's reselection patience (losses compared).")
     check_every: int = doc(1000, "block: check the patience rule every N steps (BlockLLM's update_freq).")
-    reselect_every: int = doc(0, "block: also reselect every N steps regardless of loss (0: off).")
+    reselect_every: int = doc(50, "block: also reselect every N steps regardless of loss (0: off, "
+                              "BlockLLM's patience rule only).")
     frozen_patterns: list = doc([], "block: parameter-name substrings never trained (BlockLLM "
                                 "freezes embedding and head: configs/blockllm_paper.yaml); a tensor "
                                 "in neither this nor optim.always_train competes for selection "
