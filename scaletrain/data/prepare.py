@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import zlib
 from collections import deque
@@ -152,9 +153,18 @@ class HubShards:
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer_spec: str) -> None:
+def _init_worker(tokenizer_spec: str, parent_pid: int | None = None) -> None:
     global _worker_tokenizer
     _worker_tokenizer = load_tokenizer(tokenizer_spec)
+    if parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A pool worker waits for work forever; when its parent is killed (SIGKILL, OOM) it must go."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def tokenize_batch(batch: list[tuple[int, Any]], dtype: str):
@@ -286,7 +296,7 @@ def _check_settings(out: Path, settings: dict) -> None:
         differ = [k for k in settings if old.get(k) != settings[k]]
         if differ:
             raise PreparedDataError(
-                f"{out} was prepared with other settings ({', '.join(differ)} differ): "
+                f"{out} was prepared with other settings (differing: {', '.join(differ)}): "
                 f"use another --out directory, or delete {out} to start over")
     else:
         _write_json_atomic(path, settings)
@@ -374,7 +384,7 @@ class _tokenizing:
             _init_worker(self.spec)
         else:
             self.executor = ProcessPoolExecutor(self.workers, initializer=_init_worker,
-                                                initargs=(self.spec,))
+                                                initargs=(self.spec, os.getpid()))
         ahead = self.workers * BATCHES_AHEAD_PER_WORKER
         fn = _BatchTokenizer(self.dtype)
         return lambda batches: _ordered_map(fn, batches, self.executor, ahead)

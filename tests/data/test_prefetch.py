@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from scaletrain.config import ConfigError, load_config
+from scaletrain.data import (PreparedCorpus, PreparedWindowLoader, Prefetcher, TrainWindowLoader,
+                             load_tokenizer)
+from scaletrain.data.pipeline import train_loader
+from tests.data.corpus import prepared
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    _, out = prepared(tmp_path_factory.mktemp("prefetch"))
+    return PreparedCorpus(out)
+
+
+def test_prefetched_batches_and_positions_are_the_loaders(corpus):
+    plain = PreparedWindowLoader(corpus, SEQ, 2, 2, rank=1, world_size=2)
+    ahead = Prefetcher(PreparedWindowLoader(corpus, SEQ, 2, 2, rank=1, world_size=2), depth=3)
+    for _ in range(5):
+        expected = plain.next_step()
+        got = ahead.next_step()
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+        # The position handed out, not the thread's (which is up to 3 steps ahead).
+        assert ahead.state_dict() == plain.state_dict()
+        assert ahead.windows_consumed == plain.windows_consumed
+    assert ahead.loader.windows_consumed > plain.windows_consumed
+
+
+def test_resuming_a_prefetcher_restarts_at_the_saved_step(corpus):
+    first = Prefetcher(PreparedWindowLoader(corpus, SEQ, 2, 1))
+    for _ in range(3):
+        first.next_step()
+    state = first.state_dict()
+    expected = first.next_step()
+    first.close()
+
+    resumed = Prefetcher(PreparedWindowLoader(corpus, SEQ, 2, 1))
+    resumed.next_step()  # already running: loading a state stops it and drops what it loaded
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.next_step()[0], expected[0])
+
+
+def test_a_loader_error_reaches_the_training_thread(corpus):
+    class Failing:
+        def next_step(self):
+            raise RuntimeError("disk gone")
+
+        def state_dict(self):
+            return {}
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        Prefetcher(Failing()).next_step()
+
+
+def test_a_prepared_data_path_selects_the_memory_mapped_loader(corpus):
+    tok = load_tokenizer("default")
+    cpu = torch.device("cpu")
+    cfg = load_config(["--data.path", str(corpus.path), "--data.shuffle", "true"])
+    loader = train_loader(cfg.data, tok, 2, 1, 0, 1, cpu)
+    assert isinstance(loader, Prefetcher) and isinstance(loader.loader, PreparedWindowLoader)
+    assert loader.loader.shuffle
+    cfg = load_config(["--data.prefetch", "0"])
+    assert isinstance(train_loader(cfg.data, tok, 2, 1, 0, 1, cpu), TrainWindowLoader)
+
+
+def test_shuffle_without_prepared_data_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.shuffle.*tools/prepare_data.py"):
+        load_config(["--data.shuffle", "true"])
