@@ -1,10 +1,7 @@
 import pytest
 import torch
 
-from scaletrain.config import ConfigError, load_config
-from scaletrain.data import (PreparedCorpus, PreparedWindowLoader, Prefetcher, TrainWindowLoader,
-                             load_tokenizer)
-from scaletrain.data.pipeline import train_loader
+from scaletrain.data import PreparedCorpus, PreparedWindowLoader, Prefetcher
 from tests.data.corpus import prepared
 
 SEQ = 32
@@ -53,19 +50,3 @@ def test_a_loader_error_reaches_the_training_thread(corpus):
 
     with pytest.raises(RuntimeError, match="disk gone"):
         Prefetcher(Failing()).next_step()
-
-
-def test_a_prepared_data_path_selects_the_memory_mapped_loader(corpus):
-    tok = load_tokenizer("default")
-    cpu = torch.device("cpu")
-    cfg = load_config(["--data.path", str(corpus.path), "--data.shuffle", "true"])
-    loader = train_loader(cfg.data, tok, 2, 1, 0, 1, cpu)
-    assert isinstance(loader, Prefetcher) and isinstance(loader.loader, PreparedWindowLoader)
-    assert loader.loader.shuffle
-    cfg = load_config(["--data.prefetch", "0"])
-    assert isinstance(train_loader(cfg.data, tok, 2, 1, 0, 1, cpu), TrainWindowLoader)
-
-
-def test_shuffle_without_prepared_data_is_a_config_error():
-    with pytest.raises(ConfigError, match="data.shuffle.*tools/prepare_data.py"):
-        load_config(["--data.shuffle", "true"])
