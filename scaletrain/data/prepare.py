@@ -83,7 +83,8 @@ class FileShards:
         return len(self.paths)
 
     def listing(self) -> list[dict]:
-        return [{"path": str(p), "size": p.stat().st_size} for p in self.paths]
+        # Absolute: the same files named from another working directory are the same source.
+        return [{"path": str(p.resolve()), "size": p.stat().st_size} for p in self.paths]
 
     def size(self, index: int) -> int:
         return self.paths[index].stat().st_size
@@ -109,7 +110,8 @@ class FileShards:
 
         def record() -> dict:
             reader = state["reader"]
-            return {"path": str(path), "size": reader.bytes_read, "sha256": reader.sha256.hexdigest()}
+            return {"path": str(path.resolve()), "size": reader.bytes_read,
+                    "sha256": reader.sha256.hexdigest()}
 
         return ShardInput(lines(), progress, record, str(path))
 
@@ -357,19 +359,17 @@ def prepare(source, out: str | Path, tokenizer_spec: str = "default", workers: i
     workers = workers or default_workers()
     dtype = settings["dtype"]
     sizes = [source.size(i) for i in todo]
-    bar = tqdm(total=None if None in sizes else sum(sizes), unit=source.unit, unit_scale=True,
-               desc=f"prepare {len(todo)} shards", disable=not progress)
     results = []
-    with _tokenizing(tokenizer_spec, workers, dtype) as tokenize:
+    with (tqdm(total=None if None in sizes else sum(sizes), unit=source.unit, unit_scale=True,
+              desc=f"prepare {len(todo)} shards", disable=not progress or not todo) as bar,
+          _tokenizing(tokenizer_spec, workers if todo else 1, dtype) as tokenize):
         for i in todo:
             results.append(_prepare_shard(out, i, source.open(i), tokenize, bar))
-    bar.close()
     entries = [_committed(out, i, listing[i]) for i in range(len(listing))]
     done = all(e is not None for e in entries)
     if done:
         _write_manifest(out, settings, entries)
-    return PrepareReport(results, len(mine) - len(todo),
-                         sum(e is None for e in entries) if not done else 0, done)
+    return PrepareReport(results, len(mine) - len(todo), sum(e is None for e in entries), done)
 
 
 class _tokenizing:

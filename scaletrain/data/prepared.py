@@ -139,7 +139,8 @@ class PreparedCorpus:
         return h.hexdigest()[:16]
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) of the concatenated stream (a copy; may span shards)."""
+        """Tokens [start, stop) of the concatenated stream: a read-only view into the memory map
+        within one shard, a copy across shards."""
         first = int(np.searchsorted(self.starts, start, side="right")) - 1
         pieces, pos = [], start
         for shard_index in range(first, len(self.shards)):
@@ -149,7 +150,7 @@ class PreparedCorpus:
             take = min(stop - pos, self.shards[shard_index].n_tokens - offset)
             pieces.append(self.shards[shard_index].tokens[offset : offset + take])
             pos += take
-        return np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
 # --------------------------------------------------------------------------- shuffle
