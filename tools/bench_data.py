@@ -3,6 +3,7 @@
     python tools/bench_data.py                                  # all three parts
     python tools/bench_data.py --parts loader --world_sizes 1,8,64 --seconds 3
     python tools/bench_data.py --parts prepare --prep_input '/data/c4/c4-train.0000*-of-01024.json.gz'
+    python tools/bench_data.py --parts prepare --prep_input wiki.jsonl.gz --prep_max_lines 2000
     python tools/bench_data.py --parts train --train_runs default,llama_60m --json out.json
 
 loader: per-rank delivered tokens/s of the on-the-fly loader (`TrainWindowLoader`) and of the
@@ -20,6 +21,7 @@ train: `launch/pretrain.py` runs, before (on-the-fly loader on the training thre
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import resource
 import shutil
@@ -77,6 +79,17 @@ def bench_loader(args, tok, prepared_dir: Path) -> list[dict]:
     return rows
 
 
+def first_lines(path: str, n: int, directory: Path) -> Path:
+    """The first n lines of each shard at `path`, as .json.gz shards in `directory` (a quick subset)."""
+    directory.mkdir()
+    for shard in FileShards(path).paths:
+        with gzip.open(shard) if shard.name.endswith(".gz") else open(shard, "rb") as f:
+            lines = [line for _, line in zip(range(n), f)]
+        with gzip.open(directory / (shard.name.split(".")[0] + ".json.gz"), "wb") as f:
+            f.writelines(lines)
+    return directory
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process and its finished (joined) worker processes."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -84,7 +97,9 @@ def cpu_seconds() -> float:
 
 
 def bench_prepare(args, work: Path) -> list[dict]:
-    if args.prep_input:
+    if args.prep_input and args.prep_max_lines:
+        source = FileShards(first_lines(args.prep_input, args.prep_max_lines, work / "prep_input"))
+    elif args.prep_input:
         source = FileShards(args.prep_input)
     else:  # four shards of the shipped sample: enough for two workers to share
         copies = work / "prep_input"
@@ -161,6 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=3.0, help="least time per loader measurement")
     p.add_argument("--loader_input", default=str(DEFAULT_TRAIN_PATH))
     p.add_argument("--prep_input", default=None, help="default: 4 copies of the shipped sample")
+    p.add_argument("--prep_max_lines", type=int, default=None,
+                   help="prepare only the first N lines of each --prep_input shard")
     p.add_argument("--prep_workers", type=ints, default=[1, 2])
     p.add_argument("--train_runs", type=lambda s: s.split(","), default=["default"])
     p.add_argument("--json", default=None, help="also write the figures here")
