@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -218,7 +219,8 @@ def _ordered_map(fn, batches: Iterable, executor: Executor | None, ahead: int) -
 # --------------------------------------------------------------------------- writing
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # A name of its own per writer: nodes may write the same settings or manifest at once.
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
 
