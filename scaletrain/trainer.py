@@ -15,7 +15,8 @@ import yaml
 
 from scaletrain import checkpoint as ckpt
 from scaletrain.config import ConfigError, RunConfig, help_text, load_config, load_ds_config, to_dict
-from scaletrain.data import CorruptShardError, DataPathError, TrainWindowLoader, c4_source, eval_windows, load_tokenizer
+from scaletrain.data import CorruptShardError, DataPathError, load_tokenizer
+from scaletrain.data.pipeline import train_loader, validation_batches
 from scaletrain.dist.engines import build_engine, resolve_precision, shard_model
 from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
                                      init_distributed, resolve_backend, shutdown)
@@ -162,15 +163,9 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
     engine = build_engine(backend, model, optimizer, scheduler, ds_config, ctx, syncs_grads)
     is_block = hasattr(optimizer, "selection_pass")
 
-    source = "local" if cfg.data.source == "files" else "hub"
-    train_docs = c4_source(source, None if cfg.data.path == "default" else cfg.data.path,
-                           name=cfg.data.hub_name, split="train")
-    val_docs = c4_source(source, None if cfg.data.val_path == "default" else cfg.data.val_path,
-                         name=cfg.data.hub_name, split="validation")
-    loader = TrainWindowLoader(train_docs, tokenizer, cfg.data.seq_len, micro, accum,
-                               ctx.rank, ctx.world_size)
-    val_batches = eval_windows(val_docs, tokenizer, cfg.data.seq_len, cfg.train.eval_windows,
-                               ctx.rank, ctx.world_size, micro)
+    loader = train_loader(cfg.data, tokenizer, micro, accum, ctx.rank, ctx.world_size, ctx.device)
+    val_batches = validation_batches(cfg.data, tokenizer, cfg.train.eval_windows, ctx.rank,
+                                     ctx.world_size, micro)
     tokens_per_step = micro * accum * ctx.world_size * cfg.data.seq_len
     log.info("run %s | backend %s | world %d | %s %.2fM params | %s | %d tokens/step | %s",
              run_dir, backend, ctx.world_size, cfg.model.preset, n_params / 1e6, cfg.optim.name,
@@ -181,13 +176,13 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
     metrics = MetricsWriter(run_dir, ctx.is_main)
     bar = ProgressBar(cfg.train.steps, start, ctx.is_main)
     step_times: list[float] = []
-    step_times_incl_data: list[float] = []  # the same steps, with loading their batches
+    data_waits: list[float] = []
     heatmap_at = 0
     row: dict = {}
     for step in range(start, cfg.train.steps):
-        t_data = time.perf_counter()
+        t0 = time.perf_counter()  # the step's time includes waiting for data: a starved GPU shows
         batches = loader.next_step()
-        t0 = time.perf_counter()
+        data_waits.append(time.perf_counter() - t0)
         if is_block and optimizer.wants_selection(step):
             selection_pass(engine, optimizer, batches, ctx.device)
         loss = all_reduce_mean(engine.train_step(batches), ctx)
@@ -195,15 +190,13 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
             optimizer.record_loss(loss)
         dt = time.perf_counter() - t0
         step_times.append(dt)
-        step_times_incl_data.append(time.perf_counter() - t_data)
         bar.update(loss, tokens_per_step / dt)
         done = step + 1
         row = {"loss": loss}
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             row.update(_step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step,
-                                     step_times, n_params))
-            row["step_time_incl_data_s"] = sum(step_times_incl_data) / len(step_times_incl_data)
-            step_times, step_times_incl_data = [], []
+                                     step_times, n_params), data_wait_s=sum(data_waits) / len(data_waits))
+            step_times, data_waits = [], []
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
             eval_loss = evaluate(engine.module, val_batches, ctx)
             row.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50.0)))

@@ -1,4 +1,4 @@
-"""C4 documents, tokenizers, and the packing data-parallel loader."""
+"""C4 documents, tokenizers, the packing data-parallel loader, and prepared (memory-mapped) data."""
 
 from .c4 import (
     DEFAULT_TRAIN_PATH,
@@ -13,6 +13,9 @@ from .c4 import (
     resolve_shards,
 )
 from .loader import TokenStream, TrainWindowLoader, eval_windows
+from .prefetch import Prefetcher
+from .prepared import (PreparedCorpus, PreparedDataError, PreparedWindowLoader, WindowPermutation,
+                       is_prepared)
 from .tokenizer import Tokenizer, load_tokenizer, tokenizer_fingerprint
 
 __all__ = [
@@ -23,12 +26,18 @@ __all__ = [
     "DocSource",
     "HubC4",
     "LocalC4",
+    "Prefetcher",
+    "PreparedCorpus",
+    "PreparedDataError",
+    "PreparedWindowLoader",
     "Record",
     "TokenStream",
     "Tokenizer",
     "TrainWindowLoader",
+    "WindowPermutation",
     "c4_source",
     "eval_windows",
+    "is_prepared",
     "load_tokenizer",
     "resolve_shards",
     "tokenizer_fingerprint",

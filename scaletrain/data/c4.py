@@ -56,10 +56,21 @@ def document_text(obj: Any) -> str | None:
 
 def parse_line(raw: bytes) -> str | None:
     """Text of one JSON line; None for non-UTF-8, malformed JSON, or missing/empty text."""
+    return parse_line_or_reason(raw)[0]
+
+
+def parse_line_or_reason(raw: bytes) -> tuple[str | None, str | None]:
+    """(text, None) for a usable JSON line, else (None, why it is unusable)."""
     try:
-        return document_text(json.loads(raw.decode("utf-8")))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg})"
+    text = document_text(obj)
+    if text is None:
+        return None, "no non-empty 'text' string"
+    return text, None
 
 
 def resolve_shards(path: str | Path, field: str = "data.path") -> list[Path]:

@@ -96,8 +96,8 @@ class TrainWindowLoader:
 
     Every rank reads and tokenizes the whole stream and keeps only its own windows: sharding by
     document would change which windows exist for each world size. That costs W times the
-    tokenization, fine for C4-scale runs on a few nodes; a very large W would need pre-tokenized
-    shards instead.
+    tokenization, fine for small corpora and a few ranks; at scale, prepare the data once
+    (tools/prepare_data.py) and read it with `PreparedWindowLoader`, same windows, same order.
     """
 
     def __init__(
@@ -170,6 +170,11 @@ class TrainWindowLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("kind", "stream") != "stream":
+            raise ValueError(
+                f"the checkpoint's data position is for {state['kind']!r} data (a prepared "
+                f"directory), this run tokenizes JSON shards on the fly: resume with the "
+                f"data.path it was started with")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r} != {STATE_VERSION}")
         if state["seq_len"] != self.seq_len:

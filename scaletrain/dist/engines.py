@@ -77,7 +77,7 @@ class SingleEngine:
         for i, mb in enumerate(micro_batches):
             self._sync_grads(i == len(micro_batches) - 1)
             with self._autocast():
-                loss = loss_fn(self.module, mb.to(self.device))
+                loss = loss_fn(self.module, mb.to(self.device, non_blocking=True))
             (loss / len(micro_batches)).backward()
             total += loss.item()
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -193,7 +193,7 @@ class DeepSpeedEngine:
         optimizer keeps bf16 weights; no autocast either way)."""
         total = 0.0
         for mb in micro_batches:
-            loss = loss_fn(self.engine, mb.to(self.device))
+            loss = loss_fn(self.engine, mb.to(self.device, non_blocking=True))
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
                 # stage 0: gradients are all-reduced now and not yet clipped
