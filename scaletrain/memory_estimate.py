@@ -32,11 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from scaletrain.config import OptimConfig
+
 GIB = 2**30
 DEFAULT_VOCAB = 8192  # the shipped default tokenizer (c4-sample-8192.model); the trainer uses its size
 MODES = ("adamw", "block", "galore", "gradnorm_lorp")
 PROJECTIONS = ("none", "galore", "gradnorm_lorp")
 COMPONENTS = ("weights", "gradients", "optimizer_states", "projections", "activations")
+BUCKET_MIB = 32  # the block optimizer's communication bucket (blockllm.BUCKET_BYTES)
 STEP_TENSOR_BYTES = 4  # torch.optim.AdamW's 'step': a float32 scalar tensor per parameter tensor
 
 
@@ -317,6 +320,9 @@ def activation_bytes(spec: ModelSpec, micro_batch: int, seq_len: int, precision:
 
 
 # ------------------------------------------------------------------------------------- estimate
+_OPTIM = OptimConfig()
+
+
 @dataclass
 class Setup:
     mode: str = "adamw"
@@ -326,9 +332,12 @@ class Setup:
     projection: str = "none"
     rank: int = 128
     eight_bit: bool = False
-    frozen_patterns: tuple[str, ...] = ("embed", "lm_head")
-    proj_patterns: tuple[str, ...] = ("attn", "mlp")
-    max_block_fraction: float = 0.5
+    # the block optimizer's kinds of parameters; defaults are the trainer's (OptimConfig)
+    frozen_patterns: tuple[str, ...] = tuple(_OPTIM.frozen_patterns)
+    always_train: tuple[str, ...] = tuple(_OPTIM.always_train)
+    inactive: str = _OPTIM.inactive
+    proj_patterns: tuple[str, ...] = tuple(_OPTIM.proj_patterns)
+    max_block_fraction: float = _OPTIM.max_block_fraction
     dtype: str = "fp32"
     micro_batch: int = 4
     seq_len: int = 256
@@ -347,6 +356,8 @@ class Setup:
             raise ValueError("world_size, micro_batch and seq_len must be >= 1")
         if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], not {self.density}")
+        if self.inactive not in ("none", "sign"):
+            raise ValueError(f"inactive must be none or sign, not {self.inactive!r}")
         if self.mode == "adamw" and (self.eight_bit or self.projection != "none"):
             raise ValueError("adamw (torch.optim.AdamW) has no 8-bit or projected states; "
                              "use --mode block/galore/gradnorm_lorp")
@@ -356,6 +367,7 @@ class Setup:
         s = Setup(**self.__dict__)
         if s.mode in ("galore", "gradnorm_lorp"):
             s.projection, s.frozen_patterns, s.density = s.mode, (), 1.0
+            s.always_train, s.inactive = (), "none"
         return s
 
     def precision(self) -> str:
@@ -481,8 +493,10 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
         shapes = dict(spec.named_shapes)
         from scaletrain.optim.blockllm import partition_blocks
 
-        blocks, budget = partition_blocks(spec.named_shapes, tuple(s.frozen_patterns), s.density,
-                                          s.max_block_fraction)
+        always = [(n, shape) for n, shape in spec.named_shapes if any(p in n for p in s.always_train)]
+        always_names = {n for n, _ in always}
+        blocks, budget = partition_blocks([(n, shape) for n, shape in spec.named_shapes if n not in always_names],
+                                          tuple(s.frozen_patterns), s.density, s.max_block_fraction)
         masters = s.dtype == "bf16" and s.zero_stage != 3  # bf16 weights + fp32 masters (engines.py)
         if masters:
             notes.append("block optimizer in bf16: bf16 weights; fp32 masters of the selected blocks on their "
@@ -491,8 +505,17 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
                     proj_patterns=tuple(s.proj_patterns), master=masters)
         named = block_shapes(blocks, spec.named_shapes)
         candidates = sum(b.numel for b in blocks)
+        always_params = sum(math.prod(shape) for _, shape in always)
         info.update(budget_params=budget, candidate_params=candidates, n_blocks=len(blocks),
-                    largest_block_params=max(b.numel for b in blocks))
+                    largest_block_params=max(b.numel for b in blocks), always_params=always_params)
+        always_items = []  # (params, state parts) of each always-trained tensor: held all the time
+        for n, shape in always:
+            parts = block_state_bytes(n, shape, **rule)
+            parts["total"] = sum(parts.values())
+            always_items.append((math.prod(shape), parts, n, shape))
+        always_total = {k: sum(p[k] for _, p, _, _ in always_items) for k in ("moments", "projection",
+                                                                               "magnitude", "master", "total")}
+        info["always_state_bytes"] = always_total["total"]
         if s.mode != "block":  # dense galore / gradnorm_lorp: every block, exact
             per_rank = selected_state_bytes(named, world_size=W, zero_stage=s.zero_stage,
                                             param_shapes=shapes, **rule)
@@ -511,8 +534,9 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
                 parts = block_state_bytes(b.param, shape, **rule)
                 parts["total"] = sum(parts.values())
                 items.append((b.numel, parts, b, shape))
-            total = _fractional_knapsack([(c, p) for c, p, _, _ in items], cap)
-            largest = max((b.numel for b in (fits or blocks)), default=0)
+            chosen = _fractional_knapsack([(c, p) for c, p, _, _ in items], cap)
+            total = {k: chosen.get(k, 0) + always_total[k] for k in always_total}
+            largest = max([b.numel for b in (fits or blocks)] + [c for c, _, _, _ in always_items])
             info.update(selected_params_worst=cap)
             if fsdp_row_shards(s.zero_stage, W, s.projection, s.eight_bit):
                 # every rank: its rows of every selected block; rank 0's are the largest
@@ -524,13 +548,19 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
                     parts["total"] = sum(parts.values())
                     shard_items.append((c, parts))
                 worst = _fractional_knapsack(shard_items, cap)
+                for c, _, n, shape in always_items:  # rank 0's rows of each, always held
+                    local = _fsdp_local_rows(shape[0], None, 0, W)
+                    for k, v in block_state_bytes(n, (local, *shape[1:]), **rule).items():
+                        worst[k] = worst.get(k, 0) + v
                 avg = {k: v / W for k, v in total.items()}
             elif s.zero_stage == 0 or W == 1:
                 worst, avg = total, total
             else:  # owner_map is largest-first onto the least-loaded rank: a rank's load is at most
                 # (selected - last block) / W + last block <= budget / W + largest (1 - 1/W)
-                rank_cap = min(cap, cap / W + largest * (1 - 1 / W))
-                worst = _fractional_knapsack([(c, p) for c, p, _, _ in items], rank_cap)
+                # (the always-trained tensors count in that load like any block)
+                load = cap + always_params
+                rank_cap = min(load, load / W + largest * (1 - 1 / W))
+                worst = _fractional_knapsack([(c, p) for c, p, _, _ in items + always_items], rank_cap)
                 avg = {k: v / W for k, v in total.items()}
             for col, d in ((mean, avg), (mx, worst)):
                 col["optimizer_states"] = ceil(d.get("moments", 0) + d.get("magnitude", 0) + d.get("master", 0))
@@ -550,8 +580,16 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
             grad_params = _fractional_knapsack(fits_p, cap).get("total", 0.0)
         else:
             grad_params = sum(math.prod(shapes[p]) for p in by_param)
+        grad_params += always_params  # fp32 (accumulators with bf16 weights), like a selected block
         info["gradient_params_worst"] = ceil(grad_params)
-        grads = ceil(4 * grad_params / W) if s.zero_stage == 3 else ceil(4 * grad_params)
+        grad_bytes = 4 * grad_params
+        if s.inactive == "sign":  # every candidate has a gradient: the model's dtype for the rest
+            rest = sum(math.prod(shapes[p]) for p in by_param) - (grad_params - always_params)
+            grad_bytes += low * rest
+            notes.append("inactive=sign: every candidate tensor has a gradient until step() (the model's "
+                         "dtype; fp32 accumulators for the Adam-trained ones); the sign step's buffers "
+                         f"are one {BUCKET_MIB} MiB bucket at a time")
+        grads = ceil(grad_bytes / W) if s.zero_stage == 3 else ceil(grad_bytes)
         bd["gradients"] = grads
         mean["gradients"] = mx["gradients"] = grads
         bd.update(optimizer_states=mx["optimizer_states"], projections=mx["projections"])
@@ -601,8 +639,13 @@ def build_parser() -> argparse.ArgumentParser:
                    action="store_true")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="fp32, or bf16 as the ds_config's bf16.enabled")
-    p.add_argument("--frozen-patterns", "--frozen_patterns", dest="frozen_patterns", default="embed,lm_head",
+    p.add_argument("--frozen-patterns", "--frozen_patterns", dest="frozen_patterns",
+                   default=",".join(_OPTIM.frozen_patterns),
                    help="block: comma-separated name substrings never trained ('' for none)")
+    p.add_argument("--always-train", "--always_train", dest="always_train", default=",".join(_OPTIM.always_train),
+                   help="block: comma-separated name substrings trained every step with Adam ('' for none)")
+    p.add_argument("--inactive", choices=("none", "sign"), default=_OPTIM.inactive,
+                   help="block: what the unselected blocks do (sign: they hold gradients too)")
     p.add_argument("--proj-patterns", "--proj_patterns", dest="proj_patterns", default="attn,mlp",
                    help="galore/gradnorm_lorp: comma-separated name substrings of projected weights")
     p.add_argument("--max-block-fraction", "--max_block_fraction", dest="max_block_fraction", type=float,
@@ -618,6 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup = Setup(mode=args.mode, world_size=args.world_size, zero_stage=args.zero_stage,
                       density=args.density, projection=args.projection, rank=args.rank,
                       eight_bit=args.eight_bit, frozen_patterns=_patterns(args.frozen_patterns),
+                      always_train=_patterns(args.always_train), inactive=args.inactive,
                       proj_patterns=_patterns(args.proj_patterns), max_block_fraction=args.max_block_fraction,
                       dtype=args.dtype, micro_batch=args.micro_batch, seq_len=args.seq_len,
                       activation_checkpointing=args.activation_checkpointing)

@@ -18,6 +18,10 @@ from scaletrain.optim.blockllm import BlockOptimizer, partition_blocks
 from tests.launching import REPO
 
 PRESET, SEQ, MICRO = "llama_9m", 16, 1
+# BlockOptimizer's constructor defaults are BlockLLM's (embedding/head frozen, the rest frozen);
+# the estimator's, like the trainer's, are the three kinds of parameters
+BLOCKLLM = dict(frozen_patterns=("embed", "lm_head"), always_train=(), inactive="none")
+ALWAYS = ("embed", "lm_head", "norm")
 
 
 # tiny models: one intra-op thread is as fast, and immune to a busy machine's oversubscription
@@ -105,7 +109,7 @@ def test_block_prediction_for_the_actual_selection_is_exact(projection, eight_bi
     if projection != "none":
         assert predicted["projection"] == sum(s["proj"].numel() * 4 for s in opt.block_state.values() if "proj" in s)
     # the worst case the budget allows bounds what this selection holds
-    est = estimate(spec, Setup(mode="block", world_size=1, density=0.05, projection=projection, rank=32,
+    est = estimate(spec, Setup(mode="block", **BLOCKLLM, world_size=1, density=0.05, projection=projection, rank=32,
                                eight_bit=eight_bit))
     assert measured <= est.max["optimizer_states"] + est.max["projections"]
     assert grad_bytes <= est.max["gradients"]
@@ -125,18 +129,56 @@ def test_bf16_block_masters_are_predicted_exactly(projection):
     predicted = selected_state_bytes(chosen, projection=projection, rank=32, master=True)[0]
     assert predicted["total"] == opt.state_bytes()
     assert predicted["master"] == sum(s["master"].numel() * 4 for s in opt.block_state.values())
-    est = estimate(spec, Setup(mode="block", world_size=1, density=0.05, projection=projection, rank=32,
+    est = estimate(spec, Setup(mode="block", **BLOCKLLM, world_size=1, density=0.05, projection=projection, rank=32,
                                dtype="bf16"))
     assert est.max["weights"] == 2 * spec.n_params
     assert opt.state_bytes() <= est.max["optimizer_states"] + est.max["projections"]
     assert grad_bytes <= est.max["gradients"]
 
 
+@pytest.mark.parametrize("inactive,dtype", [("sign", "fp32"), ("none", "fp32"), ("sign", "bf16")])
+def test_always_trained_state_and_sign_gradients_are_predicted(inactive, dtype):
+    """The trainer's default kinds: always-trained tensors hold Adam state outside the budget (exact
+    for the actual selection); with the sign rule every candidate holds a gradient until step()."""
+    model = build_model(PRESET, DEFAULT_VOCAB)
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    opt = BlockOptimizer(model.named_parameters(), lr=1e-3, density=0.05, frozen_patterns=(),
+                         always_train=ALWAYS, inactive=inactive)
+    if dtype == "bf16":
+        opt.use_master_weights()
+    grad_bytes = one_block_step(opt, model)
+    spec = model_spec(PRESET)
+    held = block_shapes([opt.block_by_name[n] for n in opt.selected], spec.named_shapes)
+    predicted = selected_state_bytes(held, master=dtype == "bf16")[0]
+    assert predicted["total"] == opt.state_bytes() > 0
+    est = estimate(spec, Setup(mode="block", world_size=1, density=0.05, dtype=dtype,
+                               always_train=ALWAYS, inactive=inactive, frozen_patterns=()))
+    always = sum(p.numel() for n, p in model.named_parameters() if any(a in n for a in ALWAYS))
+    assert est.info["always_params"] == always
+    assert est.info["always_state_bytes"] == opt.always_state_bytes() == (12 if dtype == "bf16" else 8) * always
+    assert opt.state_bytes() <= est.max["optimizer_states"] + est.max["projections"]
+    assert grad_bytes <= est.max["gradients"]
+    if inactive == "sign":  # every tensor held a gradient: the worst case is near what one selection holds
+        assert est.max["gradients"] <= 1.1 * grad_bytes
+
+
+def test_always_trained_tensors_count_in_the_most_loaded_rank():
+    spec = model_spec("llama_60m")
+    kinds = dict(always_train=ALWAYS, frozen_patterns=())
+    one = estimate(spec, Setup(mode="block", world_size=1, density=0.05, **kinds))
+    eight = estimate(spec, Setup(mode="block", world_size=8, density=0.05, **kinds))
+    assert eight.mean["optimizer_states"] == math.ceil(one.mean["optimizer_states"] / 8)
+    largest_always = max(math.prod(s) for n, s in spec.named_shapes if any(a in n for a in ALWAYS))
+    assert eight.max["optimizer_states"] >= 8 * largest_always  # the rank that owns the embedding
+    assert eight.max["optimizer_states"] <= one.max["optimizer_states"]
+
+
 def test_block_worst_case_is_the_budget_in_plain_adam():
     spec = model_spec("llama_60m")
-    est = estimate(spec, Setup(mode="block", world_size=1, density=0.05))
+    est = estimate(spec, Setup(mode="block", **BLOCKLLM, world_size=1, density=0.05))
     assert est.max["optimizer_states"] == 8 * est.info["budget_params"]
-    est8 = estimate(spec, Setup(mode="block", world_size=8, density=0.05))
+    est8 = estimate(spec, Setup(mode="block", **BLOCKLLM, world_size=8, density=0.05))
     blocks, budget = partition_blocks(spec.named_shapes, ("embed", "lm_head"), 0.05, 0.5)
     largest = max(b.numel for b in blocks)
     assert est8.mean["optimizer_states"] == math.ceil(8 * budget / 8)
@@ -199,7 +241,7 @@ def test_block_and_zero2_per_rank_predictions_at_two_ranks(ranks):
         predicted = selected_state_bytes(chosen, world_size=2, zero_stage=stage, projection="galore",
                                          rank=32, eight_bit=True)
         assert [p["total"] for p in predicted] == measured
-        est = estimate(model_spec(PRESET), Setup(mode="block", world_size=2, zero_stage=stage,
+        est = estimate(model_spec(PRESET), Setup(mode="block", **BLOCKLLM, world_size=2, zero_stage=stage,
                                                  projection="galore", rank=32, eight_bit=True))
         assert max(measured) <= est.max["optimizer_states"] + est.max["projections"]
     zero2 = estimate(model_spec(PRESET), Setup(mode="adamw", zero_stage=2, world_size=2))
@@ -293,7 +335,7 @@ def test_cli_json_and_table(tmp_path):
         assert per_rank["total"][col] == sum(per_rank[k][col] for k in
                                              ("weights", "gradients", "optimizer_states", "projections",
                                               "activations"))
-    assert per_rank["projections"]["max"] > 0
+    assert per_rank["projections"]["mean"] > 0
     bad = subprocess.run([sys.executable, "tools/estimate_memory.py", "--preset", "llama_60m", "--mode",
                           "adamw", "--eight-bit"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "adamw" in bad.stderr

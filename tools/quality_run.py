@@ -71,13 +71,15 @@ MODES: dict[str, Mode] = {
                          "galore-torch's GaLoreAdamW, rank 64, scale 0.25"),
     "galore": Mode(("--optim.name", "galore") + GALORE_RECIPE, 1e-2, "our dense GaLore, rank 64, scale 0.25"),
     "blockllm": Mode(blockllm_options(), 1e-3, "BlockLLM's published defaults"),
-    "block": Mode(("--optim.name", "block"), 1e-3, "--optim.name block with its defaults"),
-    "block_sign": Mode(("--optim.name", "block", "--optim.inactive", "sign", "--optim.density", "0.05",
-                        "--optim.reselect_every", "50"), 1e-3,
-                       "always-train Adam; Adam on 5% of the body, reselected every 50; signSGD on the rest"),
-    "block_frozen": Mode(("--optim.name", "block", "--optim.inactive", "none", "--optim.density", "0.05",
-                          "--optim.reselect_every", "50"), 1e-3,
-                         "always-train Adam; Adam on 5% of the body, reselected every 50; the rest frozen"),
+    "block": Mode(("--optim.name", "block"), 1e-3,
+                  "the default: embedding/head/norms always Adam; Adam on 5% of the body, reselected "
+                  "every 50 steps; signSGD on the rest"),
+    "block_8bit": Mode(("--optim.name", "block", "--optim.eight_bit", "true"), 1e-3,
+                       "the default with 8-bit moments"),
+    "block_frozen": Mode(("--optim.name", "block", "--optim.inactive", "none"), 1e-3,
+                         "the default with the rest frozen (no sign step)"),
+    "block_noalways": Mode(("--optim.name", "block", "--optim.always_train", "[]"), 1e-3,
+                           "the default with embedding/head/norms competing for selection"),
 }
 
 
