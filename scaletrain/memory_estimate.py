@@ -493,8 +493,11 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
         shapes = dict(spec.named_shapes)
         from scaletrain.optim.blockllm import partition_blocks
 
-        always = [(n, shape) for n, shape in spec.named_shapes if any(p in n for p in s.always_train)]
-        always_names = {n for n, _ in always}
+        from scaletrain.optim.blockllm import always_blocks
+
+        always_b = always_blocks(spec.named_shapes, tuple(s.always_train))
+        always = block_shapes(always_b, spec.named_shapes)
+        always_names = {b.param for b in always_b}
         blocks, budget = partition_blocks([(n, shape) for n, shape in spec.named_shapes if n not in always_names],
                                           tuple(s.frozen_patterns), s.density, s.max_block_fraction)
         masters = s.dtype == "bf16" and s.zero_stage != 3  # bf16 weights + fp32 masters (engines.py)
@@ -505,14 +508,14 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
                     proj_patterns=tuple(s.proj_patterns), master=masters)
         named = block_shapes(blocks, spec.named_shapes)
         candidates = sum(b.numel for b in blocks)
-        always_params = sum(math.prod(shape) for _, shape in always)
+        always_params = sum(b.numel for b in always_b)
         info.update(budget_params=budget, candidate_params=candidates, n_blocks=len(blocks),
                     largest_block_params=max(b.numel for b in blocks), always_params=always_params)
         always_items = []  # (params, state parts) of each always-trained tensor: held all the time
-        for n, shape in always:
-            parts = block_state_bytes(n, shape, **rule)
+        for b, (_, shape) in zip(always_b, always):
+            parts = block_state_bytes(b.param, shape, **rule)
             parts["total"] = sum(parts.values())
-            always_items.append((math.prod(shape), parts, n, shape))
+            always_items.append((b.numel, parts, b, shape))
         always_total = {k: sum(p[k] for _, p, _, _ in always_items) for k in ("moments", "projection",
                                                                                "magnitude", "master", "total")}
         info["always_state_bytes"] = always_total["total"]
@@ -548,9 +551,9 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
                     parts["total"] = sum(parts.values())
                     shard_items.append((c, parts))
                 worst = _fractional_knapsack(shard_items, cap)
-                for c, _, n, shape in always_items:  # rank 0's rows of each, always held
-                    local = _fsdp_local_rows(shape[0], None, 0, W)
-                    for k, v in block_state_bytes(n, (local, *shape[1:]), **rule).items():
+                for c, _, b, shape in always_items:  # rank 0's rows of each, always held
+                    local = _fsdp_local_rows(shapes[b.param][0], b.rows, 0, W)
+                    for k, v in (block_state_bytes(b.param, (local, *shape[1:]), **rule) if local else {}).items():
                         worst[k] = worst.get(k, 0) + v
                 avg = {k: v / W for k, v in total.items()}
             elif s.zero_stage == 0 or W == 1:

@@ -82,6 +82,28 @@ def partition_blocks(named_shapes: Iterable[tuple[str, torch.Size]], frozen_patt
     return blocks, budget
 
 
+ALWAYS_ROW_CHUNKS = 8  # an always-trained matrix is this many row blocks, so owners share it
+
+
+def always_blocks(named_shapes: Iterable[tuple[str, torch.Size]], patterns: tuple[str, ...]) -> list[Block]:
+    """The always-trained tensors as blocks: 1-D ones whole, a matrix as ALWAYS_ROW_CHUNKS row
+    chunks (the embedding and head of a large vocabulary would otherwise load one owner rank with
+    most of the state; the chunking does not depend on the world size, so states reshard by name)."""
+    blocks = []
+    for name, shape in named_shapes:
+        if not any(p in name for p in patterns):
+            continue
+        numel = math.prod(shape)
+        if len(shape) != 2 or shape[0] < ALWAYS_ROW_CHUNKS:
+            blocks.append(Block(name, name, None, numel))
+            continue
+        rows = math.ceil(shape[0] / ALWAYS_ROW_CHUNKS)
+        for start in range(0, shape[0], rows):
+            end = min(start + rows, shape[0])
+            blocks.append(Block(f"{name}[rows {start}:{end}]", name, (start, end), (end - start) * shape[1]))
+    return blocks
+
+
 class BlockSelector:
     """BlockLLM's rule: score = gradient norm / exp(visit_freq / step), greedy under the budget.
 
@@ -187,9 +209,8 @@ class BlockOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{both[0]} matches both frozen_patterns and always_train: remove it from one")
         # always-trained tensors (embedding, head, norms) are whole blocks outside the selection
         # budget: Adam every step, state on one owner, like a selected block that never leaves
-        self.always_blocks = [Block(n, n, None, p.numel()) for n, p in named
-                              if any(pat in n for pat in always_train)]
-        always = {b.name for b in self.always_blocks}
+        self.always_blocks = always_blocks(((n, p.shape) for n, p in named), tuple(always_train))
+        always = {b.param for b in self.always_blocks}
         self.blocks, self.budget = partition_blocks(((n, p.shape) for n, p in named if n not in always),
                                                     tuple(frozen_patterns), density, max_block_fraction)
         self.block_by_name = {b.name: b for b in self.blocks + self.always_blocks}

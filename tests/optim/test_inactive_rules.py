@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.models.llama import causal_lm_loss
-from scaletrain.optim.blockllm import BlockOptimizer, pack_signs, unpack_signs
+from scaletrain.optim.blockllm import ALWAYS_ROW_CHUNKS, BlockOptimizer, pack_signs, unpack_signs
 from tests.optim.test_blockllm import global_batches, tiny_llama, train_block
 
 ALWAYS = ("embed", "lm_head", "norm")
@@ -25,14 +25,18 @@ def test_always_trained_tensors_are_outside_the_budget_and_update_every_step():
     model = tiny_llama()
     opt = BlockOptimizer(model.named_parameters(), lr=1e-2, **FRUGAL)
     always = {n for n, _ in model.named_parameters() if any(p in n for p in ALWAYS)}
-    assert {b.name for b in opt.always_blocks} == always
+    assert {b.param for b in opt.always_blocks} == always
+    chunked = [b for b in opt.always_blocks if b.rows]  # matrices in row chunks, spread over owners
+    assert {b.param for b in chunked} == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert len(chunked) == 2 * ALWAYS_ROW_CHUNKS
     assert not always & {b.param for b in opt.blocks}  # they never compete
     n_candidates = sum(p.numel() for n, p in model.named_parameters() if n not in always)
     assert opt.budget == int(0.2 * n_candidates)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_block(opt, model, global_batches(8, 1))
-    assert always <= set(opt.selected) and not always & set(opt.chosen)
-    assert all(name in opt.block_state for name in always)  # Adam state for each
+    assert {b.name for b in opt.always_blocks} <= set(opt.selected)
+    assert not always & {opt.block_by_name[n].param for n in opt.chosen}
+    assert all(b.name in opt.block_state for b in opt.always_blocks)  # Adam state for each
     assert opt.stats()["always_state_bytes"] == sum(8 * p.numel() for n, p in model.named_parameters()
                                                     if n in always)
     for n, p in model.named_parameters():  # with the sign rule every tensor moves
