@@ -67,6 +67,9 @@ class TrainConfig:
     eval_every: int = doc(0, "Evaluate held-out loss every N steps (0: only at the end).")
     eval_windows: int = doc(64, "Held-out sequences used per evaluation.")
     log_every: int = doc(10, "Write metrics every N steps.")
+    max_skipped_steps: int = doc(10, "Stop the run (exit 1) after this many steps in a row whose loss or "
+                                 "gradient norm is not finite; each such step is skipped on all ranks "
+                                 "(no update, LR schedule held) and counted as skipped_steps.")
 
 
 @dataclass
@@ -293,6 +296,7 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.data.seq_len > 0, "data.seq_len", "must be positive")
     require(cfg.data.seq_len <= 1024, "data.seq_len", "must be <= 1024 (the presets' max positions)")
     check_schedule(cfg.train)
+    require(cfg.train.max_skipped_steps > 0, "train.max_skipped_steps", "must be positive")
     require(cfg.train.eval_windows > 0, "train.eval_windows", "must be positive")
     check_checkpoint(cfg.checkpoint)
     load_ds_config(cfg.deepspeed_config)  # a bad ds_config is a config error too

@@ -16,7 +16,7 @@ import yaml
 from scaletrain import checkpoint as ckpt
 from scaletrain.config import ConfigError, RunConfig, help_text, load_config, load_ds_config, to_dict
 from scaletrain.data import CorruptShardError, DataPathError, TrainWindowLoader, c4_source, eval_windows, load_tokenizer
-from scaletrain.dist.engines import build_engine, resolve_precision, shard_model
+from scaletrain.dist.engines import build_engine, nan_grad_steps, resolve_precision, shard_model
 from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
                                      init_distributed, resolve_backend, shutdown)
 from scaletrain.metrics import (MetricsWriter, ProgressBar, peak_flops, peak_memory_bytes, selection_heatmap,
@@ -28,6 +28,10 @@ from scaletrain.run_dir import agree_on_run_dir, choose_run_dir, setup_logging
 
 log = logging.getLogger("scaletrain")
 HEATMAP_EVERY_SELECTIONS = 10
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the message names the step and what to try."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         train(cfg, run_dir)
-    except (ckpt.CheckpointError, DataPathError, CorruptShardError, FileNotFoundError) as e:
+    except (ckpt.CheckpointError, DataPathError, CorruptShardError, FileNotFoundError, NonFiniteError) as e:
         print(f"scaletrain: error: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -118,8 +122,29 @@ def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
     return state["step"]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # this rank's shard of an FSDP2 DTensor
+
+
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    states = optimizer.block_state.values() if hasattr(optimizer, "block_state") else optimizer.state.values()
+    return [t for st in states for t in st.values() if torch.is_tensor(t)]
+
+
+def state_is_finite(module, optimizer, ctx: DistContext) -> bool:
+    """Collective: True on every rank iff every rank's weights and optimizer state are finite."""
+    tensors = list(module.parameters()) + _optimizer_tensors(optimizer)
+    bad = any(not bool(torch.isfinite(_local(t)).all()) for t in tensors if t.is_floating_point())
+    return all_reduce_max(float(bad), ctx) == 0.0
+
+
 def save(cfg, run_dir, step, ctx, engine, optimizer, scheduler, loader, ds_config, saver) -> None:
-    """Checkpoint now (saver is None) or hand a copy to the background saver."""
+    """Checkpoint now (saver is None) or hand a copy to the background saver; never a state with
+    a non-finite weight or moment (`latest` keeps pointing to the last finite one)."""
+    if not state_is_finite(engine.module, optimizer, ctx):
+        log.error("step %d: weights or optimizer state not finite on some rank: checkpoint not "
+                  "written (latest stays the previous one)", step)
+        return
     write = saver.save if saver is not None else ckpt.save_checkpoint
     write(
         run_dir / "checkpoints", step, rank=ctx.rank, world_size=ctx.world_size,
@@ -183,13 +208,16 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
     step_times: list[float] = []
     heatmap_at = 0
     row: dict = {}
+    poison_at = nan_grad_steps(ctx.rank)
+    skipped = SkippedSteps(cfg.train.max_skipped_steps)
     for step in range(start, cfg.train.steps):
         batches = loader.next_step()
         t0 = time.perf_counter()
         if is_block and optimizer.wants_selection(step):
             selection_pass(engine, optimizer, batches, ctx.device)
-        loss = all_reduce_mean(engine.train_step(batches), ctx)
-        if is_block:
+        loss = all_reduce_mean(engine.train_step(batches, poison=step + 1 in poison_at), ctx)
+        skipped.record(step + 1, engine.step_skipped, loss)
+        if is_block and not engine.step_skipped:
             optimizer.record_loss(loss)
         dt = time.perf_counter() - t0
         step_times.append(dt)
@@ -199,6 +227,7 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             row.update(_step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step,
                                      step_times, n_params))
+            row["skipped_steps"] = skipped.total
             step_times = []
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
             eval_loss = evaluate(engine.module, val_batches, ctx)
@@ -221,6 +250,29 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
                  row.get("eval_loss", float("nan")), row.get("eval_ppl", float("nan")), run_dir)
     metrics.close()
     shutdown()
+
+
+class SkippedSteps:
+    """Counts non-finite (skipped) steps; too many in a row raise NonFiniteError."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.total, self.in_a_row = 0, 0
+
+    def record(self, step: int, was_skipped: bool, loss: float) -> None:
+        if not was_skipped:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        log.warning("step %d skipped: loss %.4g, or a gradient, not finite on some rank; no update, "
+                    "LR schedule held (%d in a row, %d in all)", step, loss, self.in_a_row, self.total)
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteError(
+                f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient "
+                f"(train.max_skipped_steps {self.max_in_a_row}); stopping. Try a lower --optim.lr "
+                f"(or longer --train.warmup_steps), or --resume an earlier checkpoint "
+                f"(--resume <run_dir>/checkpoints/step_N); the last checkpoint holds finite weights.")
 
 
 def _step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step, step_times, n_params):

@@ -278,6 +278,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
         self._grad32 = {}
 
+    def pending_grads(self) -> list[torch.Tensor]:
+        """This rank's gradients not yet reduced or applied (fp32 accumulations under master weights)."""
+        return [p.grad for p in self.params.values() if p.grad is not None] + list(self._grad32.values())
+
     @contextlib.contextmanager
     def selection_pass(self, grad_leaves: dict[str, torch.Tensor] | None = None):
         """Inside: every candidate parameter requires grad and its gradient is reduced to squared
