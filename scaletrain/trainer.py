@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from scaletrain import checkpoint as ckpt
-from scaletrain.config import ConfigError, RunConfig, help_text, load_config, load_ds_config, to_dict
+from scaletrain.config import (ConfigError, RunConfig, given_keys, help_text, load_config, load_ds_config,
+                               resumed_config, to_dict)
 from scaletrain.data import CorruptShardError, DataPathError, TrainWindowLoader, c4_source, eval_windows, load_tokenizer
 from scaletrain.dist.engines import build_engine, nan_grad_steps, resolve_precision, shard_model
 from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"scaletrain: config error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
-        train(cfg, run_dir)
+        train(cfg, run_dir, given_keys(argv))
+    except ConfigError as e:  # found at resume: a key that cannot change, or a bad ds_config there
+        print(f"scaletrain: config error: {e}", file=sys.stderr)
+        sys.exit(2)
     except (ckpt.CheckpointError, DataPathError, CorruptShardError, FileNotFoundError, NonFiniteError) as e:
         print(f"scaletrain: error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -89,8 +93,8 @@ def selection_pass(engine, optimizer, batches: list[torch.Tensor], device) -> No
             causal_lm_loss(engine.module, mb.to(device)).backward()
 
 
-def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
-    """Load the checkpoint that `--resume` names (rank 0 chooses); returns the step to start at."""
+def find_resume_checkpoint(cfg, run_dir, ctx) -> Path | None:
+    """The checkpoint that `--resume` names (rank 0 chooses), or None to start afresh."""
     found: list = [None, None]
     if ctx.is_main:
         try:
@@ -102,9 +106,33 @@ def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
     path, error = found
     if error:
         raise ckpt.CheckpointError(error)
+    if path is None and cfg.resume == "auto":
+        log.info("--resume auto: no checkpoint under %s, starting afresh", run_dir)
+    return path
+
+
+def config_for_resume(cfg: RunConfig, path: Path, given: set[str] | None) -> RunConfig:
+    """The checkpoint's config, with the keys given now (None: all of them) winning; logs each
+    change. ConfigError if one that cannot change (model preset, tokenizer, seq_len) differs."""
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    cfg, changed = resumed_config(saved, cfg, given)
+    if changed:
+        log.info("resume: changed since %s: %s", path.name,
+                 ", ".join(f"{k} {was!r} -> {now!r}" for k, (was, now) in changed.items()))
+    return cfg
+
+
+def restore_schedule(scheduler, optimizer, saved: dict) -> None:
+    """The LR schedule at the saved position, shaped by this run's config (peak optim.lr, steps,
+    warm-up, min_lr_ratio: values changed on resume take effect at the first resumed step)."""
+    scheduler.last_epoch = saved["last_epoch"]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
+def resume(path: Path | None, ctx, engine, optimizer, scheduler, loader) -> int:
+    """Load the checkpoint at `path` (None: start afresh); returns the step to start at."""
     if path is None:
-        if cfg.resume == "auto":
-            log.info("--resume auto: no checkpoint under %s, starting afresh", run_dir)
         return 0
     t0 = time.perf_counter()
     state = ckpt.load_trainer_state(path)
@@ -113,9 +141,7 @@ def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
         engine.load_full_optimizer_state(ckpt.full_optimizer_state(engine.module, ckpt.load_optim_shards(path)))
     else:
         ckpt.restore_optimizer(optimizer, engine.module, ckpt.load_optim_shards(path))
-    scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr  # a loaded scheduler only applies its LR at its next step()
+    restore_schedule(scheduler, optimizer, state["scheduler"])
     loader.load_state_dict(state["loader"])
     ckpt.load_rng_state(path, ctx.rank)
     log.info("resumed from %s at step %d (loaded in %.2fs)", path, state["step"], time.perf_counter() - t0)
@@ -163,14 +189,18 @@ def _optimizer_shard(engine, optimizer, rank: int) -> dict:
     return ckpt.optimizer_shard(optimizer, engine.module, rank)
 
 
-def train(cfg: RunConfig, run_dir: Path | None) -> None:
+def train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None = None) -> None:
+    """given: the config keys set explicitly (None: all); on resume the rest come from the checkpoint."""
     backend = resolve_backend(cfg.backend)
-    ds_config = resolve_precision(load_ds_config(cfg.deepspeed_config))
     ctx = init_distributed(backend)
-    random.seed(cfg.seed + ctx.rank)  # python/numpy RNGs are per rank; torch's seeds the model (same everywhere)
-    np.random.seed(cfg.seed + ctx.rank)
     run_dir = agree_on_run_dir(cfg.name, run_dir, ctx)
     setup_logging(run_dir, ctx)
+    resume_from = find_resume_checkpoint(cfg, run_dir, ctx)
+    if resume_from is not None:
+        cfg = config_for_resume(cfg, resume_from, given)
+    ds_config = resolve_precision(load_ds_config(cfg.deepspeed_config))
+    random.seed(cfg.seed + ctx.rank)  # python/numpy RNGs are per rank; torch's seeds the model (same everywhere)
+    np.random.seed(cfg.seed + ctx.rank)
     if ctx.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -201,7 +231,7 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
              run_dir, backend, ctx.world_size, cfg.model.preset, n_params / 1e6, cfg.optim.name,
              tokens_per_step, "bf16" if ds_config["bf16"].get("enabled") else "fp32")
 
-    start = resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader)
+    start = resume(resume_from, ctx, engine, optimizer, scheduler, loader)
     saver = ckpt.AsyncCheckpointer(ctx.world_size) if cfg.checkpoint.async_save else None
     metrics = MetricsWriter(run_dir, ctx.is_main)
     bar = ProgressBar(cfg.train.steps, start, ctx.is_main)
