@@ -303,13 +303,14 @@ def load_model_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_trainer_state(path: Path) -> dict:
-    return torch.load(path / "trainer.pt", weights_only=True)
+    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
 
 
 def load_optim_shards(path: Path) -> list[dict]:
-    """Every rank's saved optimizer shard, in rank order (a new world size reads them all)."""
+    """Every rank's saved optimizer shard, in rank order (a new world size reads them all), on
+    the CPU whatever device saved it; each optimizer moves what it keeps to its own device."""
     manifest = json.loads((path / "manifest.json").read_text())
-    return [torch.load(path / _rank_files(r)[0], weights_only=True)
+    return [torch.load(path / _rank_files(r)[0], map_location="cpu", weights_only=True)
             for r in range(manifest["world_size"])]
 
 
@@ -318,7 +319,7 @@ def load_rng_state(path: Path, rank: int) -> bool:
     f = path / _rank_files(rank)[1]
     if not f.is_file():
         return False
-    set_rng_state(torch.load(f, weights_only=True))
+    set_rng_state(torch.load(f, map_location="cpu", weights_only=True))
     return True
 
 

@@ -17,7 +17,7 @@ from scaletrain import checkpoint as ckpt
 from scaletrain.config import (ConfigError, RunConfig, given_keys, help_text, load_config, load_ds_config,
                                resumed_config, to_dict)
 from scaletrain.data import CorruptShardError, DataPathError, TrainWindowLoader, c4_source, eval_windows, load_tokenizer
-from scaletrain.dist.engines import build_engine, nan_grad_steps, resolve_precision, shard_model
+from scaletrain.dist.engines import build_engine, check_zero_stage, nan_grad_steps, resolve_precision, shard_model
 from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
                                      init_distributed, resolve_backend, shutdown)
 from scaletrain.metrics import (MetricsWriter, ProgressBar, peak_flops, peak_memory_bytes, selection_heatmap,
@@ -199,6 +199,7 @@ def train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None = None) -
     if resume_from is not None:
         cfg = config_for_resume(cfg, resume_from, given)
     ds_config = resolve_precision(load_ds_config(cfg.deepspeed_config))
+    check_zero_stage(ds_config, backend)
     random.seed(cfg.seed + ctx.rank)  # python/numpy RNGs are per rank; torch's seeds the model (same everywhere)
     np.random.seed(cfg.seed + ctx.rank)
     if ctx.is_main:

@@ -221,6 +221,18 @@ class FSDPEngine(SingleEngine):
         return leaves
 
 
+def check_zero_stage(ds_config: dict, backend: str) -> None:
+    """ZeRO-3 partitions the parameters themselves, which neither the block optimizer (whole blocks)
+    nor our checkpoints (full weights, name-keyed state) handle under DeepSpeed; FSDP2 is our ZeRO-3."""
+    from scaletrain.config import ConfigError
+
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if backend == "deepspeed" and stage not in (0, 1, 2):
+        raise ConfigError(f"deepspeed_config: zero_optimization.stage {stage} is not supported under "
+                          f"the DeepSpeed backend (stages 0-2); for sharded parameters (ZeRO-3) use "
+                          f"--backend fsdp (e.g. torchrun ... --backend fsdp)")
+
+
 STAGE_MEANING = {0: "states replicated, gradients all-reduced",
                  1: "each block's state on one owner rank, gradients all-reduced",
                  2: "each block's state and reduced gradient on one owner rank"}

@@ -660,9 +660,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         return full
 
     def _local_state(self, b: Block, st: dict) -> dict:
-        """This rank's rows of a whole saved state (FSDP2), or the state itself."""
+        """This rank's rows of a whole saved state (FSDP2), or the state itself, on this rank's
+        device (a checkpoint is loaded onto the CPU, whatever device saved it)."""
         if not self.fsdp_rows:
-            return dict(st)
+            return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in st.items()}
         lo, hi, _ = self._local_rows(b)
         a = b.rows[0] if b.rows else 0
         return {k: (v[lo - a:hi - a].clone().to(self.device) if torch.is_tensor(v) else v) for k, v in st.items()}
