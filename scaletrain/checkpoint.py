@@ -199,13 +199,15 @@ class AsyncCheckpointer:
     run on a process group of their own, so they never interleave with training's. One save at
     a time: the next one (and the end of training) first waits for the previous."""
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, timeout_s: float | None = None):
         import threading
+        from datetime import timedelta
 
         self._threading = threading
         self.thread = None
         self.error: BaseException | None = None
-        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if world_size > 1 else None
 
     def save(self, root: Path, step: int, **kwargs) -> None:
         self.wait()
@@ -232,6 +234,13 @@ class AsyncCheckpointer:
         if self.error is not None:
             error, self.error = self.error, None
             raise CheckpointError(f"background checkpoint save failed: {error}") from error
+
+    def close(self) -> None:
+        """Wait for a save in flight and log (not raise) its failure: the run is already ending."""
+        try:
+            self.wait()
+        except CheckpointError as e:
+            log.error("%s", e)
 
 
 def _prune(root: Path, keep: int) -> None:

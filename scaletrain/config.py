@@ -128,6 +128,10 @@ class RunConfig:
     name: str = doc("", "Run name; default: a timestamp.")
     run_dir: str = doc("", "Where logs, metrics and checkpoints go; default runs/<name>.")
     seed: int = doc(0, "Seed for model initialisation.")
+    collective_timeout_s: float = doc(600.0, "Seconds a collective waits for the other ranks before it "
+                                      "fails and the run stops naming the lost rank and step. Every "
+                                      "rank waits in a collective while rank 0 commits a checkpoint: "
+                                      "raise it if saves take longer.")
     resume: str = doc("none", "none | auto (newest intact checkpoint under run_dir/checkpoints) | "
                       "a checkpoint directory.")
     backend: str = doc("auto", "deepspeed | fsdp | single; auto: deepspeed under a launcher "
@@ -341,6 +345,7 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.train.max_skipped_steps > 0, "train.max_skipped_steps", "must be positive")
     require(cfg.train.eval_windows > 0, "train.eval_windows", "must be positive")
     check_checkpoint(cfg.checkpoint)
+    require(cfg.collective_timeout_s > 0, "collective_timeout_s", "must be positive (seconds)")
     load_ds_config(cfg.deepspeed_config)  # a bad ds_config is a config error too
 
 

@@ -1,12 +1,14 @@
 """The training loop. `launch/pretrain.py` calls `main()`; the whole step is in `train()`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,8 @@ from scaletrain.config import (ConfigError, RunConfig, given_keys, help_text, lo
 from scaletrain.data import CorruptShardError, DataPathError, TrainWindowLoader, c4_source, eval_windows, load_tokenizer
 from scaletrain.dist.engines import build_engine, check_zero_stage, nan_grad_steps, resolve_precision, shard_model
 from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
-                                     init_distributed, resolve_backend, shutdown)
+                                     init_distributed, is_peer_failure, lost_rank_message,
+                                     resolve_backend, shutdown)
 from scaletrain.metrics import (MetricsWriter, ProgressBar, peak_flops, peak_memory_bytes, selection_heatmap,
                                 train_flops_per_token)
 from scaletrain.models.llama import build_model, causal_lm_loss, count_params
@@ -33,6 +36,10 @@ HEATMAP_EVERY_SELECTIONS = 10
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row; the message names the step and what to try."""
+
+
+class RankLostError(RuntimeError):
+    """A collective failed because another rank died or did not answer within collective_timeout_s."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:  # found at resume: a key that cannot change, or a bad ds_config there
         print(f"scaletrain: config error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (ckpt.CheckpointError, DataPathError, CorruptShardError, FileNotFoundError, NonFiniteError) as e:
+    except (ckpt.CheckpointError, DataPathError, CorruptShardError, FileNotFoundError, NonFiniteError,
+            RankLostError) as e:
         print(f"scaletrain: error: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -189,10 +197,35 @@ def _optimizer_shard(engine, optimizer, rank: int) -> dict:
     return ckpt.optimizer_shard(optimizer, engine.module, rank)
 
 
+@dataclass
+class Progress:
+    step: int = 0  # the step being trained, numbered as in metrics.jsonl; 0 before the first
+
+
 def train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None = None) -> None:
-    """given: the config keys set explicitly (None: all); on resume the rest come from the checkpoint."""
+    """given: the config keys set explicitly (None: all); on resume the rest come from the checkpoint.
+    However the run ends, metrics, the background saver and the process group are closed; a
+    collective that fails because another rank is gone raises RankLostError naming the step."""
     backend = resolve_backend(cfg.backend)
-    ctx = init_distributed(backend)
+    ctx = init_distributed(backend, cfg.collective_timeout_s)
+    progress = Progress()
+    finished = False
+    try:
+        with contextlib.ExitStack() as closing:
+            _train(cfg, run_dir, given, backend, ctx, closing, progress)
+        finished = True
+    except RuntimeError as e:
+        if ctx.world_size > 1 and is_peer_failure(e):
+            message = lost_rank_message(ctx, progress.step, e)
+            log.error("%s", message)
+            raise RankLostError(message) from e
+        raise
+    finally:
+        shutdown(clean=finished)
+
+
+def _train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None, backend: str, ctx: DistContext,
+           closing: contextlib.ExitStack, progress: Progress) -> None:
     run_dir = agree_on_run_dir(cfg.name, run_dir, ctx)
     setup_logging(run_dir, ctx)
     resume_from = find_resume_checkpoint(cfg, run_dir, ctx)
@@ -233,15 +266,18 @@ def train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None = None) -
              tokens_per_step, "bf16" if ds_config["bf16"].get("enabled") else "fp32")
 
     start = resume(resume_from, ctx, engine, optimizer, scheduler, loader)
-    saver = ckpt.AsyncCheckpointer(ctx.world_size) if cfg.checkpoint.async_save else None
-    metrics = MetricsWriter(run_dir, ctx.is_main)
-    bar = ProgressBar(cfg.train.steps, start, ctx.is_main)
+    saver = ckpt.AsyncCheckpointer(ctx.world_size, cfg.collective_timeout_s) if cfg.checkpoint.async_save else None
+    if saver is not None:
+        closing.callback(saver.close)
+    metrics = closing.enter_context(contextlib.closing(MetricsWriter(run_dir, ctx.is_main)))
+    bar = closing.enter_context(contextlib.closing(ProgressBar(cfg.train.steps, start, ctx.is_main)))
     step_times: list[float] = []
     heatmap_at = 0
     row: dict = {}
     poison_at = nan_grad_steps(ctx.rank)
     skipped = SkippedSteps(cfg.train.max_skipped_steps)
     for step in range(start, cfg.train.steps):
+        progress.step = step + 1
         batches = loader.next_step()
         t0 = time.perf_counter()
         if is_block and optimizer.wants_selection(step):
@@ -279,8 +315,6 @@ def train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None = None) -
     if ctx.is_main:
         log.info("done: loss %.4f, eval_loss %.4f (ppl %.2f) -> %s", row.get("loss", float("nan")),
                  row.get("eval_loss", float("nan")), row.get("eval_ppl", float("nan")), run_dir)
-    metrics.close()
-    shutdown()
 
 
 class SkippedSteps:

@@ -9,6 +9,7 @@ from scaletrain.config import ConfigError
 from scaletrain.dist.engines import check_zero_stage
 from scaletrain.models.llama import causal_lm_loss
 from scaletrain.optim.blockllm import BlockOptimizer
+from tests.launching import TINY, run_pretrain, write_ds_config
 from tests.optim.test_blockllm import VOCAB, tiny_llama
 
 # GaLore projectors, 8-bit moments (with their scales) and plain Adam moments in one state
@@ -72,3 +73,12 @@ def test_deepspeed_zero3_is_refused_with_a_pointer_to_fsdp():
         check_zero_stage({"zero_optimization": {"stage": 3}}, "deepspeed")
     check_zero_stage({"zero_optimization": {"stage": 3}}, "fsdp")  # FSDP2 is ZeRO-3 and ignores it
     check_zero_stage({"zero_optimization": {"stage": 2}}, "deepspeed")
+
+
+def test_deepspeed_zero3_run_exits_2_before_building_anything(tmp_path):
+    ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1, stage=3)
+    proc = run_pretrain(["--run_dir", str(tmp_path / "run"), "--backend", "deepspeed",
+                         "--deepspeed_config", str(ds)] + TINY, check=False, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config error" in proc.stderr and "--backend fsdp" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
