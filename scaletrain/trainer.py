@@ -19,7 +19,8 @@ from scaletrain import checkpoint as ckpt
 from scaletrain.config import (ConfigError, RunConfig, given_keys, help_text, load_config, load_ds_config,
                                resumed_config, to_dict)
 from scaletrain.data import CorruptShardError, DataPathError, TrainWindowLoader, c4_source, eval_windows, load_tokenizer
-from scaletrain.dist.engines import build_engine, check_zero_stage, nan_grad_steps, resolve_precision, shard_model
+from scaletrain.dist.engines import (build_engine, check_zero_stage, local_shard, nan_grad_steps, resolve_precision,
+                                     shard_model)
 from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
                                      init_distributed, is_peer_failure, lost_rank_message,
                                      resolve_backend, shutdown)
@@ -156,10 +157,6 @@ def resume(path: Path | None, ctx, engine, optimizer, scheduler, loader) -> int:
     return state["step"]
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t  # this rank's shard of an FSDP2 DTensor
-
-
 def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
     states = optimizer.block_state.values() if hasattr(optimizer, "block_state") else optimizer.state.values()
     return [t for st in states for t in st.values() if torch.is_tensor(t)]
@@ -168,7 +165,7 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
 def state_is_finite(module, optimizer, ctx: DistContext) -> bool:
     """Collective: True on every rank iff every rank's weights and optimizer state are finite."""
     tensors = list(module.parameters()) + _optimizer_tensors(optimizer)
-    bad = any(not bool(torch.isfinite(_local(t)).all()) for t in tensors if t.is_floating_point())
+    bad = any(not bool(torch.isfinite(local_shard(t)).all()) for t in tensors if t.is_floating_point())
     return all_reduce_max(float(bad), ctx) == 0.0
 
 

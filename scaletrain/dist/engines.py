@@ -48,14 +48,14 @@ def poison_gradient(loss: torch.Tensor) -> None:
     loss.register_hook(lambda g: torch.full_like(g, float("nan")))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # this rank's shard of an FSDP2 DTensor
 
 
 def step_is_finite(mean_loss: float, local_grads: list[torch.Tensor], ctx: DistContext) -> bool:
     """Collective: True on every rank iff every rank's loss and local gradient norm are finite
     (a norm overflows to inf when a gradient does, and is NaN when one is)."""
-    grads = [_local(g) for g in local_grads if g is not None]
+    grads = [local_shard(g) for g in local_grads if g is not None]
     norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
     local_bad = not (math.isfinite(mean_loss) and math.isfinite(norm))
     return all_reduce_max(float(local_bad), ctx) == 0.0
