@@ -45,21 +45,41 @@ def wait_for_rows(run_dir, n, procs, timeout=300):
 def test_lost_rank_ends_the_run_within_the_timeout_naming_it(tmp_path, fault):
     run_dir = tmp_path / "run"
     procs = start_ranks(run_dir, write_ds_config(tmp_path / "ds.json", micro=2, accum=1))
-    survivor, victim = procs
+    errors, elapsed = inject(fault, procs, run_dir)
+    err = errors[0]
+    assert elapsed < TIMEOUT_S + 30, elapsed  # start-up of the error path included
+    assert "rank 1 lost at step" in err and "rank 0 of 2 noticed" in err, err[-3000:]
+    lost_at = int(err.split("rank 1 lost at step ")[1].split()[0])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] <= lost_at <= rows[-1]["step"] + 1  # metrics flushed and closed
+
+
+@pytest.mark.slow
+def test_every_survivor_of_three_ranks_reports_the_loss(tmp_path):
+    """Beyond two ranks the lost one is not known from the error: each survivor says it noticed."""
+    run_dir = tmp_path / "run"
+    procs = start_ranks(run_dir, write_ds_config(tmp_path / "ds.json", micro=2, accum=1), world=3)
+    errors, elapsed = inject(signal.SIGKILL, procs, run_dir)
+    assert elapsed < TIMEOUT_S + 30, elapsed
+    for rank, err in enumerate(errors):
+        assert "a peer rank lost at step" in err and f"rank {rank} of 3 noticed" in err, err[-3000:]
+
+
+def inject(fault, procs, run_dir):
+    """Send `fault` to the last rank once the run trains; the others' stderr and how long the
+    last of them took to end. Each survivor must exit with code 1."""
+    *survivors, victim = procs
     try:
         wait_for_rows(run_dir, 3, procs)
         victim.send_signal(fault)
         t0 = time.time()
-        _, err = survivor.communicate(timeout=TIMEOUT_S + 60)
+        errors = [p.communicate(timeout=TIMEOUT_S + 60)[1] for p in survivors]
         elapsed = time.time() - t0
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
             p.wait()
-    assert survivor.returncode == 1, err[-3000:]
-    assert elapsed < TIMEOUT_S + 30, elapsed  # start-up of the error path included
-    assert "rank 1 lost at step" in err and "rank 0 of 2 noticed" in err, err[-3000:]
-    lost_at = int(err.split("rank 1 lost at step ")[1].split()[0])
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] <= lost_at <= rows[-1]["step"] + 1  # metrics flushed and closed
+    for p, err in zip(survivors, errors):
+        assert p.returncode == 1, err[-3000:]
+    return errors, elapsed
