@@ -199,13 +199,15 @@ class AsyncCheckpointer:
     run on a process group of their own, so they never interleave with training's. One save at
     a time: the next one (and the end of training) first waits for the previous."""
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, timeout_s: float | None = None):
         import threading
+        from datetime import timedelta
 
         self._threading = threading
         self.thread = None
         self.error: BaseException | None = None
-        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if world_size > 1 else None
 
     def save(self, root: Path, step: int, **kwargs) -> None:
         self.wait()
@@ -232,6 +234,13 @@ class AsyncCheckpointer:
         if self.error is not None:
             error, self.error = self.error, None
             raise CheckpointError(f"background checkpoint save failed: {error}") from error
+
+    def close(self) -> None:
+        """Wait for a save in flight and log (not raise) its failure: the run is already ending."""
+        try:
+            self.wait()
+        except CheckpointError as e:
+            log.error("%s", e)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -303,13 +312,14 @@ def load_model_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_trainer_state(path: Path) -> dict:
-    return torch.load(path / "trainer.pt", weights_only=True)
+    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
 
 
 def load_optim_shards(path: Path) -> list[dict]:
-    """Every rank's saved optimizer shard, in rank order (a new world size reads them all)."""
+    """Every rank's saved optimizer shard, in rank order (a new world size reads them all), on
+    the CPU whatever device saved it; each optimizer moves what it keeps to its own device."""
     manifest = json.loads((path / "manifest.json").read_text())
-    return [torch.load(path / _rank_files(r)[0], weights_only=True)
+    return [torch.load(path / _rank_files(r)[0], map_location="cpu", weights_only=True)
             for r in range(manifest["world_size"])]
 
 
@@ -318,7 +328,7 @@ def load_rng_state(path: Path, rank: int) -> bool:
     f = path / _rank_files(rank)[1]
     if not f.is_file():
         return False
-    set_rng_state(torch.load(f, weights_only=True))
+    set_rng_state(torch.load(f, map_location="cpu", weights_only=True))
     return True
 
 

@@ -76,6 +76,9 @@ class TrainConfig:
     eval_every: int = doc(0, "Evaluate held-out loss every N steps (0: only at the end).")
     eval_windows: int = doc(64, "Held-out sequences used per evaluation.")
     log_every: int = doc(10, "Write metrics every N steps.")
+    max_skipped_steps: int = doc(10, "Stop the run (exit 1) after this many steps in a row whose loss or "
+                                 "gradient norm is not finite; each such step is skipped on all ranks "
+                                 "(no update, LR schedule held) and counted as skipped_steps.")
 
 
 @dataclass
@@ -144,6 +147,10 @@ class RunConfig:
     name: str = doc("", "Run name; default: a timestamp.")
     run_dir: str = doc("", "Where logs, metrics and checkpoints go; default runs/<name>.")
     seed: int = doc(0, "Seed for model initialisation.")
+    collective_timeout_s: float = doc(600.0, "Seconds a collective waits for the other ranks before it "
+                                      "fails and the run stops naming the lost rank and step. Every "
+                                      "rank waits in a collective while rank 0 commits a checkpoint: "
+                                      "raise it if saves take longer.")
     resume: str = doc("none", "none | auto (newest intact checkpoint under run_dir/checkpoints) | "
                       "a checkpoint directory.")
     backend: str = doc("auto", "deepspeed | fsdp | single; auto: deepspeed under a launcher "
@@ -251,6 +258,23 @@ def build_config(cls, argv: list[str], hints: dict[str, str]):
     """An instance of the config dataclass `cls` from `--config FILE` then `--dotted.key value`
     overrides, each value coerced to its field's type (ConfigError naming the key otherwise)."""
     keys = _all_keys(cls)
+    file_values, overrides = _read_args(argv)
+    cfg = cls()
+    for key, value in list(file_values.items()) + overrides:
+        if key not in keys:
+            raise _unknown(key, keys, hints)
+        _set(cfg, key, _coerce(key, value, _field_type(cls, key)))
+    return cfg
+
+
+def given_keys(argv: list[str]) -> set[str]:
+    """The keys set explicitly, by `--config FILE` or on the command line (the rest are defaults)."""
+    file_values, overrides = _read_args(argv)
+    return set(file_values) | {key for key, _ in overrides}
+
+
+def _read_args(argv: list[str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """(values from the --config file, [(key, value) from the command line]), unchecked."""
     file_values: dict[str, Any] = {}
     overrides: list[tuple[str, str]] = []
     args = list(argv)
@@ -268,12 +292,37 @@ def build_config(cls, argv: list[str], hints: dict[str, str]):
             file_values = _read_config_file(value)
         else:
             overrides.append((key, value))
-    cfg = cls()
-    for key, value in list(file_values.items()) + overrides:
-        if key not in keys:
-            raise _unknown(key, keys, hints)
-        _set(cfg, key, _coerce(key, value, _field_type(cls, key)))
-    return cfg
+    return file_values, overrides
+
+
+# Keys that describe this invocation, not the run: never taken from a checkpoint.
+INVOCATION_KEYS = ("name", "run_dir", "resume", "backend")
+# What a checkpoint's weights and data position depend on: a resumed run cannot change them.
+FIXED_ON_RESUME = ("model.preset", "data.tokenizer", "data.seq_len")
+
+
+def resumed_config(saved: dict[str, Any], current: RunConfig, given: set[str] | None) -> tuple[RunConfig, dict]:
+    """The config of a resumed run: the checkpoint's `saved` one, except the keys `given` now (in
+    --config or on the command line; None: all keys), which win. Returns it and {key: (saved, now)} for each key
+    that differs; ConfigError naming the key if one in FIXED_ON_RESUME differs."""
+    keys = _all_keys(RunConfig)
+    saved_flat = {k: v for k, v in _flatten(saved).items() if k in keys and k not in INVOCATION_KEYS}
+    cfg = dataclasses.replace(current)
+    for section in ("model", "data", "train", "optim", "checkpoint"):  # no nested object shared with current
+        setattr(cfg, section, dataclasses.replace(getattr(current, section)))
+    for key, value in saved_flat.items():
+        if given is not None and key not in given:
+            _set(cfg, key, _coerce(key, value, _field_type(RunConfig, key)))
+    changed = {k: (v, _get(cfg, k)) for k, v in saved_flat.items()
+               if _coerce(k, v, _field_type(RunConfig, k)) != _get(cfg, k)}
+    for key in FIXED_ON_RESUME:
+        if key in changed:
+            was, now = changed[key]
+            raise ConfigError(f"config key '{key}' is {now!r} but the checkpoint was trained with "
+                              f"{was!r}; it cannot change on resume: drop --{key}, or start a new "
+                              f"run (another --run_dir, --resume none)")
+    validate(cfg)
+    return cfg, changed
 
 
 def _field_type(cls, key: str):
@@ -316,8 +365,10 @@ def validate(cfg: RunConfig) -> None:
             "needs data.path to be a directory written by tools/prepare_data.py (JSON shards and "
             "the Hub are read in stream order)")
     check_schedule(cfg.train)
+    require(cfg.train.max_skipped_steps > 0, "train.max_skipped_steps", "must be positive")
     require(cfg.train.eval_windows > 0, "train.eval_windows", "must be positive")
     check_checkpoint(cfg.checkpoint)
+    require(cfg.collective_timeout_s > 0, "collective_timeout_s", "must be positive (seconds)")
     load_ds_config(cfg.deepspeed_config)  # a bad ds_config is a config error too
 
 

@@ -248,7 +248,7 @@ def load_mask(spec: str):
     if not p.is_file():
         raise ConfigError(f"config key 'zo.mask': no such file {spec!r} (compute, a checkpoint of a zo run, "
                           f"or a mask .pt file)")
-    state = torch.load(p, weights_only=True)
+    state = torch.load(p, map_location="cpu", weights_only=True)
     try:
         return Mask.from_state_dict(state)
     except (ValueError, KeyError) as e:

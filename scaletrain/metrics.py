@@ -3,11 +3,13 @@
 Only rank 0 writes. The jsonl keys and TensorBoard tags are the same names (a contract used
 by tests and tools): step, tokens, loss, lr, grad_norm, tokens_per_s, step_time_s,
 peak_mem_bytes, mfu (on GPUs of known peak), n_params, optim_state_bytes, optim_state_bytes_total, wire_bytes,
-selected_params, selection_churn, skipped_data_lines; eval_loss, eval_ppl on eval steps.
+selected_params, selection_churn, skipped_data_lines, skipped_steps; eval_loss, eval_ppl on eval steps.
+A non-finite number is written to metrics.jsonl as null (strict JSON) and not sent to TensorBoard.
 """
 from __future__ import annotations
 
 import json
+import math
 import resource
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,11 @@ def train_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
+def _finite_or_none(value: Any) -> Any:
+    """NaN and infinities as None (JSON null): bare NaN is not JSON and strict parsers reject it."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 class MetricsWriter:
     """TensorBoard + metrics.jsonl under the run directory; a no-op on ranks other than 0."""
 
@@ -59,8 +66,8 @@ class MetricsWriter:
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: v for k, v in values.items() if v is not None}}
-        self.jsonl.write(json.dumps(row) + "\n")
+        row = {"step": step, **{k: _finite_or_none(v) for k, v in values.items() if v is not None}}
+        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, step)

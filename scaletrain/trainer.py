@@ -1,12 +1,14 @@
 """The training loop. `launch/pretrain.py` calls `main()`; the whole step is in `train()`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +16,15 @@ import torch
 import yaml
 
 from scaletrain import checkpoint as ckpt
-from scaletrain.config import ConfigError, RunConfig, help_text, load_config, load_ds_config, to_dict
+from scaletrain.config import (ConfigError, RunConfig, given_keys, help_text, load_config, load_ds_config,
+                               resumed_config, to_dict)
 from scaletrain.data import CorruptShardError, DataPathError, load_tokenizer
 from scaletrain.data.pipeline import train_loader, validation_batches
-from scaletrain.dist.engines import build_engine, resolve_precision, shard_model
+from scaletrain.dist.engines import (build_engine, check_zero_stage, local_shard, nan_grad_steps, resolve_precision,
+                                     shard_model)
 from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
-                                     init_distributed, resolve_backend, shutdown)
+                                     init_distributed, is_peer_failure, lost_rank_message,
+                                     resolve_backend, shutdown)
 from scaletrain.metrics import (MetricsWriter, ProgressBar, peak_flops, peak_memory_bytes, selection_heatmap,
                                 train_flops_per_token)
 from scaletrain.models.llama import build_model, causal_lm_loss, count_params
@@ -29,6 +34,14 @@ from scaletrain.run_dir import agree_on_run_dir, choose_run_dir, setup_logging
 
 log = logging.getLogger("scaletrain")
 HEATMAP_EVERY_SELECTIONS = 10
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the message names the step and what to try."""
+
+
+class RankLostError(RuntimeError):
+    """A collective failed because another rank died or did not answer within collective_timeout_s."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,8 +56,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"scaletrain: config error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
-        train(cfg, run_dir)
-    except (ckpt.CheckpointError, DataPathError, CorruptShardError, FileNotFoundError) as e:
+        train(cfg, run_dir, given_keys(argv))
+    except ConfigError as e:  # found at resume: a key that cannot change, or a bad ds_config there
+        print(f"scaletrain: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (ckpt.CheckpointError, DataPathError, CorruptShardError, FileNotFoundError, NonFiniteError,
+            RankLostError) as e:
         print(f"scaletrain: error: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -86,8 +103,8 @@ def selection_pass(engine, optimizer, batches: list[torch.Tensor], device) -> No
             causal_lm_loss(engine.module, mb.to(device)).backward()
 
 
-def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
-    """Load the checkpoint that `--resume` names (rank 0 chooses); returns the step to start at."""
+def find_resume_checkpoint(cfg, run_dir, ctx) -> Path | None:
+    """The checkpoint that `--resume` names (rank 0 chooses), or None to start afresh."""
     found: list = [None, None]
     if ctx.is_main:
         try:
@@ -99,9 +116,33 @@ def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
     path, error = found
     if error:
         raise ckpt.CheckpointError(error)
+    if path is None and cfg.resume == "auto":
+        log.info("--resume auto: no checkpoint under %s, starting afresh", run_dir)
+    return path
+
+
+def config_for_resume(cfg: RunConfig, path: Path, given: set[str] | None) -> RunConfig:
+    """The checkpoint's config, with the keys given now (None: all of them) winning; logs each
+    change. ConfigError if one that cannot change (model preset, tokenizer, seq_len) differs."""
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    cfg, changed = resumed_config(saved, cfg, given)
+    if changed:
+        log.info("resume: changed since %s: %s", path.name,
+                 ", ".join(f"{k} {was!r} -> {now!r}" for k, (was, now) in changed.items()))
+    return cfg
+
+
+def restore_schedule(scheduler, optimizer, saved: dict) -> None:
+    """The LR schedule at the saved position, shaped by this run's config (peak optim.lr, steps,
+    warm-up, min_lr_ratio: values changed on resume take effect at the first resumed step)."""
+    scheduler.last_epoch = saved["last_epoch"]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
+def resume(path: Path | None, ctx, engine, optimizer, scheduler, loader) -> int:
+    """Load the checkpoint at `path` (None: start afresh); returns the step to start at."""
     if path is None:
-        if cfg.resume == "auto":
-            log.info("--resume auto: no checkpoint under %s, starting afresh", run_dir)
         return 0
     t0 = time.perf_counter()
     state = ckpt.load_trainer_state(path)
@@ -110,17 +151,32 @@ def resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader) -> int:
         engine.load_full_optimizer_state(ckpt.full_optimizer_state(engine.module, ckpt.load_optim_shards(path)))
     else:
         ckpt.restore_optimizer(optimizer, engine.module, ckpt.load_optim_shards(path))
-    scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr  # a loaded scheduler only applies its LR at its next step()
+    restore_schedule(scheduler, optimizer, state["scheduler"])
     loader.load_state_dict(state["loader"])
     ckpt.load_rng_state(path, ctx.rank)
     log.info("resumed from %s at step %d (loaded in %.2fs)", path, state["step"], time.perf_counter() - t0)
     return state["step"]
 
 
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    states = optimizer.block_state.values() if hasattr(optimizer, "block_state") else optimizer.state.values()
+    return [t for st in states for t in st.values() if torch.is_tensor(t)]
+
+
+def state_is_finite(module, optimizer, ctx: DistContext) -> bool:
+    """Collective: True on every rank iff every rank's weights and optimizer state are finite."""
+    tensors = list(module.parameters()) + _optimizer_tensors(optimizer)
+    bad = any(not bool(torch.isfinite(local_shard(t)).all()) for t in tensors if t.is_floating_point())
+    return all_reduce_max(float(bad), ctx) == 0.0
+
+
 def save(cfg, run_dir, step, ctx, engine, optimizer, scheduler, loader, ds_config, saver) -> None:
-    """Checkpoint now (saver is None) or hand a copy to the background saver."""
+    """Checkpoint now (saver is None) or hand a copy to the background saver; never a state with
+    a non-finite weight or moment (`latest` keeps pointing to the last finite one)."""
+    if not state_is_finite(engine.module, optimizer, ctx):
+        log.error("step %d: weights or optimizer state not finite on some rank: checkpoint not "
+                  "written (latest stays the previous one)", step)
+        return
     write = saver.save if saver is not None else ckpt.save_checkpoint
     write(
         run_dir / "checkpoints", step, rank=ctx.rank, world_size=ctx.world_size,
@@ -139,14 +195,44 @@ def _optimizer_shard(engine, optimizer, rank: int) -> dict:
     return ckpt.optimizer_shard(optimizer, engine.module, rank)
 
 
-def train(cfg: RunConfig, run_dir: Path | None) -> None:
+@dataclass
+class Progress:
+    step: int = 0  # the step being trained, numbered as in metrics.jsonl; 0 before the first
+
+
+def train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None = None) -> None:
+    """given: the config keys set explicitly (None: all); on resume the rest come from the checkpoint.
+    However the run ends, metrics, the background saver and the process group are closed; a
+    collective that fails because another rank is gone raises RankLostError naming the step."""
     backend = resolve_backend(cfg.backend)
-    ds_config = resolve_precision(load_ds_config(cfg.deepspeed_config))
-    ctx = init_distributed(backend)
-    random.seed(cfg.seed + ctx.rank)  # python/numpy RNGs are per rank; torch's seeds the model (same everywhere)
-    np.random.seed(cfg.seed + ctx.rank)
+    ctx = init_distributed(backend, cfg.collective_timeout_s)
+    progress = Progress()
+    finished = False
+    try:
+        with contextlib.ExitStack() as closing:
+            _train(cfg, run_dir, given, backend, ctx, closing, progress)
+        finished = True
+    except RuntimeError as e:
+        if ctx.world_size > 1 and is_peer_failure(e):
+            message = lost_rank_message(ctx, progress.step, e)
+            log.error("%s", message)
+            raise RankLostError(message) from e
+        raise
+    finally:
+        shutdown(clean=finished)
+
+
+def _train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None, backend: str, ctx: DistContext,
+           closing: contextlib.ExitStack, progress: Progress) -> None:
     run_dir = agree_on_run_dir(cfg.name, run_dir, ctx)
     setup_logging(run_dir, ctx)
+    resume_from = find_resume_checkpoint(cfg, run_dir, ctx)
+    if resume_from is not None:
+        cfg = config_for_resume(cfg, resume_from, given)
+    ds_config = resolve_precision(load_ds_config(cfg.deepspeed_config))
+    check_zero_stage(ds_config, backend)
+    random.seed(cfg.seed + ctx.rank)  # python/numpy RNGs are per rank; torch's seeds the model (same everywhere)
+    np.random.seed(cfg.seed + ctx.rank)
     if ctx.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -171,22 +257,28 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
              run_dir, backend, ctx.world_size, cfg.model.preset, n_params / 1e6, cfg.optim.name,
              tokens_per_step, "bf16" if ds_config["bf16"].get("enabled") else "fp32")
 
-    start = resume(cfg, run_dir, ctx, engine, optimizer, scheduler, loader)
-    saver = ckpt.AsyncCheckpointer(ctx.world_size) if cfg.checkpoint.async_save else None
-    metrics = MetricsWriter(run_dir, ctx.is_main)
-    bar = ProgressBar(cfg.train.steps, start, ctx.is_main)
+    start = resume(resume_from, ctx, engine, optimizer, scheduler, loader)
+    saver = ckpt.AsyncCheckpointer(ctx.world_size, cfg.collective_timeout_s) if cfg.checkpoint.async_save else None
+    if saver is not None:
+        closing.callback(saver.close)
+    metrics = closing.enter_context(contextlib.closing(MetricsWriter(run_dir, ctx.is_main)))
+    bar = closing.enter_context(contextlib.closing(ProgressBar(cfg.train.steps, start, ctx.is_main)))
     step_times: list[float] = []
     data_waits: list[float] = []
     heatmap_at = 0
     row: dict = {}
+    poison_at = nan_grad_steps(ctx.rank)
+    skipped = SkippedSteps(cfg.train.max_skipped_steps)
     for step in range(start, cfg.train.steps):
+        progress.step = step + 1
         t0 = time.perf_counter()  # the step's time includes waiting for data: a starved GPU shows
         batches = loader.next_step()
         data_waits.append(time.perf_counter() - t0)
         if is_block and optimizer.wants_selection(step):
             selection_pass(engine, optimizer, batches, ctx.device)
-        loss = all_reduce_mean(engine.train_step(batches), ctx)
-        if is_block:
+        loss = all_reduce_mean(engine.train_step(batches, poison=step + 1 in poison_at), ctx)
+        skipped.record(step + 1, engine.step_skipped, loss)
+        if is_block and not engine.step_skipped:
             optimizer.record_loss(loss)
         dt = time.perf_counter() - t0
         step_times.append(dt)
@@ -196,6 +288,7 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             row.update(_step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step,
                                      step_times, n_params), data_wait_s=sum(data_waits) / len(data_waits))
+            row["skipped_steps"] = skipped.total
             step_times, data_waits = [], []
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
             eval_loss = evaluate(engine.module, val_batches, ctx)
@@ -216,8 +309,29 @@ def train(cfg: RunConfig, run_dir: Path | None) -> None:
     if ctx.is_main:
         log.info("done: loss %.4f, eval_loss %.4f (ppl %.2f) -> %s", row.get("loss", float("nan")),
                  row.get("eval_loss", float("nan")), row.get("eval_ppl", float("nan")), run_dir)
-    metrics.close()
-    shutdown()
+
+
+class SkippedSteps:
+    """Counts non-finite (skipped) steps; too many in a row raise NonFiniteError."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.total, self.in_a_row = 0, 0
+
+    def record(self, step: int, was_skipped: bool, loss: float) -> None:
+        if not was_skipped:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        log.warning("step %d skipped: loss %.4g, or a gradient, not finite on some rank; no update, "
+                    "LR schedule held (%d in a row, %d in all)", step, loss, self.in_a_row, self.total)
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteError(
+                f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient "
+                f"(train.max_skipped_steps {self.max_in_a_row}); stopping. Try a lower --optim.lr "
+                f"(or longer --train.warmup_steps), or --resume an earlier checkpoint "
+                f"(--resume <run_dir>/checkpoints/step_N); the last checkpoint holds finite weights.")
 
 
 def _step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step, step_times, n_params):

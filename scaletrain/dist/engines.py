@@ -10,19 +10,85 @@ configured by the DeepSpeed JSON (the single source of truth for those knobs):
 Optimizers that synchronise gradients themselves (the block optimizer only reduces the blocks
 it trains) set `syncs_grads`: the engine then neither all-reduces nor clips (the optimizer clips
 after its own reduction, so the norm is global).
+
+Non-finite steps: before the optimizer step every rank checks its mean loss and its local
+gradients; one all-reduce of that flag decides, identically on all ranks, whether the step is
+applied. A skipped step changes no weight, moment, step count or selection and does not advance
+the LR schedule; the engine clears the gradients and sets `step_skipped`.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 from typing import Any
 
 import torch
 
-from scaletrain.dist.runtime import DistContext
+from scaletrain.dist.runtime import DistContext, all_reduce_max
 from scaletrain.models.llama import causal_lm_loss
 
 log = logging.getLogger("scaletrain")
+# Fault-injection hook for tests: "RANK:STEP[,STEP...]" makes RANK's gradient NaN (its loss stays
+# finite) at those steps, numbered as in metrics.jsonl (1 = the first step).
+NAN_GRAD_ENV = "SCALETRAIN_TEST_NAN_GRAD"
+
+
+def nan_grad_steps(rank: int) -> set[int]:
+    """The steps at which the test hook NAN_GRAD_ENV poisons this rank's gradient."""
+    hook_rank, _, steps = os.environ.get(NAN_GRAD_ENV, "").partition(":")
+    if not hook_rank or int(hook_rank) != rank:
+        return set()
+    return {int(s) for s in steps.split(",") if s}
+
+
+def poison_gradient(loss: torch.Tensor) -> None:
+    """Test hook: every gradient that flows back from `loss` becomes NaN; the loss value does not."""
+    loss.register_hook(lambda g: torch.full_like(g, float("nan")))
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # this rank's shard of an FSDP2 DTensor
+
+
+def step_is_finite(mean_loss: float, local_grads: list[torch.Tensor], ctx: DistContext) -> bool:
+    """Collective: True on every rank iff every rank's loss and local gradient norm are finite
+    (a norm overflows to inf when a gradient does, and is NaN when one is)."""
+    grads = [local_shard(g) for g in local_grads if g is not None]
+    norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+    local_bad = not (math.isfinite(mean_loss) and math.isfinite(norm))
+    return all_reduce_max(float(local_bad), ctx) == 0.0
+
+
+def local_gradients(module, optimizer) -> list[torch.Tensor]:
+    """The gradients this rank holds before the optimizer step (the block optimizer also keeps
+    fp32 accumulations of its own under bf16 weights)."""
+    if hasattr(optimizer, "pending_grads"):
+        return optimizer.pending_grads()
+    return [p.grad for p in module.parameters() if p.grad is not None]
+
+
+@contextlib.contextmanager
+def skipped_update(optimizer):
+    """Inside, `optimizer.step()` does nothing and reports `overflow`: the contract DeepSpeed's
+    engine honours for fp16 loss scaling (it then clears the gradients, leaves the LR schedule
+    where it is and counts a skipped step), reused here for a non-finite step."""
+    had_step, had_overflow = "step" in vars(optimizer), hasattr(optimizer, "overflow")
+    saved_step, saved_overflow = getattr(optimizer, "step"), getattr(optimizer, "overflow", None)
+    optimizer.step = lambda *args, **kwargs: None
+    optimizer.overflow = True
+    try:
+        yield
+    finally:
+        if had_step:
+            optimizer.step = saved_step
+        else:
+            del optimizer.step
+        if had_overflow:
+            optimizer.overflow = saved_overflow
+        else:
+            del optimizer.overflow
 
 
 def resolve_precision(ds_config: dict[str, Any]) -> dict[str, Any]:
@@ -64,22 +130,34 @@ class SingleEngine:
         if bf16_enabled(ds_config) and syncs_grads and not isinstance(self, FSDPEngine):
             use_bf16_weights(self.module, optimizer)
         self.device = ctx.device
+        self.ctx = ctx
         self.grad_norm: float | None = None
+        self.step_skipped = False
 
     def _autocast(self):
         if not self.autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def train_step(self, micro_batches: list, loss_fn=causal_lm_loss) -> float:
-        """loss_fn(module, micro_batch) -> mean loss; the causal-LM loss, or a fine-tuning task's."""
+    def train_step(self, micro_batches: list, loss_fn=causal_lm_loss, poison: bool = False) -> float:
+        """loss_fn(module, micro_batch) -> mean loss; the causal-LM loss, or a fine-tuning task's.
+        poison: the NaN-gradient test hook (see NAN_GRAD_ENV)."""
         total = 0.0
         for i, mb in enumerate(micro_batches):
-            self._sync_grads(i == len(micro_batches) - 1)
+            last = i == len(micro_batches) - 1
+            self._sync_grads(last)
             with self._autocast():
                 loss = loss_fn(self.module, mb.to(self.device, non_blocking=True))
+            if poison and last:
+                poison_gradient(loss)
             (loss / len(micro_batches)).backward()
             total += loss.item()
+        mean_loss = total / len(micro_batches)
+        self.step_skipped = not step_is_finite(mean_loss, local_gradients(self.module, self.optimizer), self.ctx)
+        if self.step_skipped:  # no optimizer or LR step: nothing changes but the cleared gradients
+            self.optimizer.zero_grad(set_to_none=True)
+            self.grad_norm = float("nan")
+            return mean_loss
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.clip > 0:
             self.grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(params, self.clip))
@@ -89,7 +167,7 @@ class SingleEngine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.grad_norm = getattr(self.optimizer, "last_grad_norm", self.grad_norm)
-        return total / len(micro_batches)
+        return mean_loss
 
     def _sync_grads(self, last_micro_batch: bool) -> None:
         pass  # one process: nothing to synchronise
@@ -143,6 +221,18 @@ class FSDPEngine(SingleEngine):
         return leaves
 
 
+def check_zero_stage(ds_config: dict, backend: str) -> None:
+    """ZeRO-3 partitions the parameters themselves, which neither the block optimizer (whole blocks)
+    nor our checkpoints (full weights, name-keyed state) handle under DeepSpeed; FSDP2 is our ZeRO-3."""
+    from scaletrain.config import ConfigError
+
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if backend == "deepspeed" and stage not in (0, 1, 2):
+        raise ConfigError(f"deepspeed_config: zero_optimization.stage {stage} is not supported under "
+                          f"the DeepSpeed backend (stages 0-2); for sharded parameters (ZeRO-3) use "
+                          f"--backend fsdp (e.g. torchrun ... --backend fsdp)")
+
+
 STAGE_MEANING = {0: "states replicated, gradients all-reduced",
                  1: "each block's state on one owner rank, gradients all-reduced",
                  2: "each block's state and reduced gradient on one owner rank"}
@@ -185,23 +275,45 @@ class DeepSpeedEngine:
             self.engine.enable_backward_allreduce = False
         self.module = self.engine.module
         self.device = ctx.device
+        self.ctx = ctx
         self.syncs_grads = syncs_grads
         self.grad_norm: float | None = None
+        self.step_skipped = False
 
-    def train_step(self, micro_batches: list, loss_fn=causal_lm_loss) -> float:
+    def train_step(self, micro_batches: list, loss_fn=causal_lm_loss, poison: bool = False) -> float:
         """loss_fn(module, micro_batch) -> mean loss (bf16: DeepSpeed casts the model, or the block
-        optimizer keeps bf16 weights; no autocast either way)."""
+        optimizer keeps bf16 weights; no autocast either way). poison: see NAN_GRAD_ENV."""
         total = 0.0
-        for mb in micro_batches:
+        skipped_before = self.engine.skipped_steps
+        finite = True
+        for i, mb in enumerate(micro_batches):
             loss = loss_fn(self.engine, mb.to(self.device, non_blocking=True))
+            if poison and i == len(micro_batches) - 1:
+                poison_gradient(loss)
             self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
+            total += loss.item()
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            if boundary:
+                finite = step_is_finite(total / len(micro_batches),
+                                        local_gradients(self.module, self.optimizer), self.ctx)
+            if boundary and self.zero_stage == 0 and finite:
                 # stage 0: gradients are all-reduced now and not yet clipped
                 grads = [p.grad for p in self.module.parameters() if p.grad is not None]
                 self.grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-            self.engine.step()
-            total += loss.item()
-        if self.syncs_grads:
+            # ZeRO 1/2 keep the gradients in their own partitions: only their own overflow path
+            # (a non-finite global norm, checked in fp32 and, by default, bf16) clears them
+            skip = boundary and not finite and self.zero_stage == 0
+            with skipped_update(self.engine.optimizer) if skip else contextlib.nullcontext():
+                self.engine.step()
+            if skip:  # DeepSpeed clears p.grad; the block optimizer's own accumulations too
+                self.optimizer.zero_grad(set_to_none=True)
+        self.step_skipped = self.engine.skipped_steps > skipped_before
+        if not finite and not self.step_skipped:
+            log.warning("DeepSpeed ZeRO-%d applied a step whose loss was not finite (its overflow "
+                        "check looks at gradients only)", self.zero_stage)
+        if self.step_skipped:
+            self.grad_norm = float("nan")
+        elif self.syncs_grads:
             self.grad_norm = self.optimizer.last_grad_norm
         elif self.zero_stage > 0:
             norm = self.engine.get_global_grad_norm()

@@ -8,9 +8,11 @@ On CPU the communication backend is gloo, on GPU nccl (DeepSpeed's accelerator p
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -56,8 +58,9 @@ def skip_deepspeed_shm_allreduce() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def init_distributed(backend: str) -> DistContext:
-    """Start the process group the backend needs and pick this rank's device."""
+def init_distributed(backend: str, timeout_s: float = 600.0) -> DistContext:
+    """Start the process group the backend needs and pick this rank's device. timeout_s: how
+    long a collective waits for the other ranks before it raises."""
     if backend == "single":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise SystemExit("backend 'single' runs one process; under a multi-rank launcher "
@@ -70,7 +73,7 @@ def init_distributed(backend: str) -> DistContext:
 
         skip_deepspeed_shm_allreduce()
         deepspeed.init_distributed(dist_backend=_comm_backend(), auto_mpi_discovery=True,
-                                   verbose=False)
+                                   verbose=False, timeout=timedelta(seconds=timeout_s))
     _share_cpu_threads()
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -125,7 +128,34 @@ def _coll_device(ctx: DistContext) -> torch.device:
     return ctx.device  # nccl needs CUDA tensors, gloo CPU ones: the rank's device fits both
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def shutdown(clean: bool = True) -> None:
+    """clean: every rank got here together, so a barrier first (none tears down while another still
+    sends); after an error no collective, since a peer may be gone."""
+    if not dist.is_initialized():
+        return
+    try:
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
+    except Exception as e:  # never mask the error that ended the run
+        logging.getLogger("scaletrain").warning("process group shutdown: %s", e)
+
+
+# What gloo's and NCCL's errors say when a peer process died or stopped answering (gloo raises a
+# plain RuntimeError; NCCL a DistBackendError).
+PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                      "Timed out", "timed out", "Socket Timeout", "NCCL communicator was aborted")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether a collective failed because another rank is gone or did not answer in time."""
+    return isinstance(error, dist.DistError) or any(s in str(error) for s in PEER_FAILURE_SIGNS)
+
+
+def lost_rank_message(ctx: DistContext, step: int, error: BaseException) -> str:
+    """'rank R lost at step S': at two ranks the peer is known; beyond, only who noticed is."""
+    who = f"rank {1 - ctx.rank}" if ctx.world_size == 2 else "a peer rank"
+    where = f"step {step}" if step else "start-up"
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return (f"{who} lost at {where} (rank {ctx.rank} of {ctx.world_size} noticed: {first_line}); "
+            f"check that rank's log, then --resume auto")

@@ -329,6 +329,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
         self._grad32 = {}
 
+    def pending_grads(self) -> list[torch.Tensor]:
+        """This rank's gradients not yet reduced or applied (fp32 accumulations under master weights)."""
+        return [p.grad for p in self.params.values() if p.grad is not None] + list(self._grad32.values())
+
     @contextlib.contextmanager
     def selection_pass(self, grad_leaves: dict[str, torch.Tensor] | None = None):
         """Inside: every candidate parameter requires grad and its gradient is reduced to squared
@@ -801,9 +805,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         return full
 
     def _local_state(self, b: Block, st: dict) -> dict:
-        """This rank's rows of a whole saved state (FSDP2), or the state itself."""
+        """This rank's rows of a whole saved state (FSDP2), or the state itself, on this rank's
+        device (a checkpoint is loaded onto the CPU, whatever device saved it)."""
         if not self.fsdp_rows:
-            return dict(st)
+            return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in st.items()}
         lo, hi, _ = self._local_rows(b)
         a = b.rows[0] if b.rows else 0
         return {k: (v[lo - a:hi - a].clone().to(self.device) if torch.is_tensor(v) else v) for k, v in st.items()}
