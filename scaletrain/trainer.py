@@ -356,6 +356,8 @@ def _step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step, st
         row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * ctx.world_size)
     if hasattr(optimizer, "stats"):
         s = optimizer.stats()
+        row.update(always_params=s["always_params"], always_state_bytes=all_reduce_sum([s["always_state_bytes"]], ctx)[0],
+                   inactive_params=s["inactive_params"])
         row.update(wire_bytes=all_reduce_max(s["wire_bytes"], ctx), selected_params=s["selected_params"],
                    selected_fraction=s["selected_fraction"], selection_churn=s["selection_churn"],
                    selection_time_s=s["selection_time_s"], owner_imbalance=s["owner_imbalance"])

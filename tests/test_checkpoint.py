@@ -173,7 +173,9 @@ def test_bf16_block_run_matches_one_rank_and_resumes_its_masters_at_one_rank(tmp
     in the optimizer shards, and a 1-rank resume from the 2-rank checkpoint continues the run."""
     ds2 = write_ds_config(tmp_path / "ds2.json", micro=2, accum=1, stage=2, bf16=True)
     ds1 = write_ds_config(tmp_path / "ds1.json", micro=2, accum=2, stage=2, bf16=True)
-    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + TINY + BLOCK
+    # the rest frozen: the sign of a bf16 gradient within rounding of zero differs between 2 and 1
+    # ranks and moves that weight by 2 lr (the fp32 sign rule over ranks: tests/optim)
+    common = ["--train.steps", str(STEPS), "--checkpoint.every_steps", "4"] + TINY + BLOCK + ["--optim.inactive", "none"]
     run_pretrain(["--run_dir", str(tmp_path / "whole"), "--deepspeed_config", str(ds2)] + common,
                  launcher="deepspeed", nproc=2)
     run_pretrain(["--run_dir", str(tmp_path / "one"), "--deepspeed_config", str(ds1)] + common)

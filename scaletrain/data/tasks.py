@@ -145,9 +145,10 @@ class Batch:
     labels: torch.Tensor  # (B,) class indices (classification)
     n_examples: int
 
-    def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-                     self.cont_len.to(device), self.keep, self.labels.to(device), self.n_examples)
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
+                     move(self.cont_len), self.keep, move(self.labels), self.n_examples)
 
 
 def make_batch(task: Task, examples: list[Example]) -> Batch:

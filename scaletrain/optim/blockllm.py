@@ -473,7 +473,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         chunk = math.ceil(rows / self._world())
         start = min(self._rank() * chunk, rows)
         end = min(start + chunk, rows)
-        return max(a, start), min(z, end), start
+        lo = max(a, start)
+        return lo, max(lo, min(z, end)), start  # empty where the block has no rows here
 
     def _local(self, b: Block, t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, DTensor):
