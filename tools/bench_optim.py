@@ -46,7 +46,10 @@ MODES = {  # optimizer config and the ZeRO stage DeepSpeed runs it at
     "galore_torch": ({"name": "galore_torch"}, 0),  # galore-torch's GaLoreAdamW (needs whole weights: stage 0)
     "galore": ({"name": "galore"}, 2),
     "gradnorm_lorp": ({"name": "gradnorm_lorp"}, 2),
-    "block": ({"name": "block"}, 2),
+    "block": ({"name": "block"}, 2),  # the default: always-trained Adam + 5% Adam + signSGD rest
+    "block_8bit": ({"name": "block", "eight_bit": True}, 2),
+    "blockllm": ({"name": "block", "frozen_patterns": ["embed", "lm_head"], "always_train": [],
+                  "inactive": "none", "reselect_every": 0}, 2),  # configs/blockllm_paper.yaml's rule
     "block_galore": ({"name": "block", "projection": "galore"}, 2),
     "block_galore_8bit": ({"name": "block", "projection": "galore", "eight_bit": True}, 2),
     "block_gradnorm_lorp": ({"name": "block", "projection": "gradnorm_lorp"}, 2),
@@ -78,9 +81,9 @@ def run_mode(mode: str, args) -> dict:
     loader = TrainWindowLoader(c4_source("local", None), tok, args.seq_len, args.micro // world, 1, rank, world)
     steady, selection, svd, losses = [], [], [], []
     for step in range(args.steps):
-        batches = loader.next_step()
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # whole steps: loading the batch included
+        batches = loader.next_step()
         selecting = hasattr(optimizer, "wants_selection") and optimizer.wants_selection(step)
         refits_before = refits(optimizer)
         if selecting:
