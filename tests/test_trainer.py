@@ -62,8 +62,12 @@ def test_torchrun_matches_one_rank(tmp_path, one_rank_reference):
     np.testing.assert_allclose(losses(tmp_path / "run"), one_rank_reference, rtol=0, atol=1e-5)
 
 
+# the rest frozen: these runs check that N ranks reproduce one rank to 1e-5. With the default sign
+# rule a coordinate whose gradient is within rounding of zero (another thread count, another
+# reduction order) takes the other sign and moves by 2 lr, so runs agree to about 1e-3 only:
+# tested below with that tolerance, and at optimizer level in tests/optim/test_inactive_rules.py
 BLOCK = ["--optim.name", "block", "--optim.density", "0.2", "--optim.reselect_every", "7",
-         "--optim.debug_checks", "true"]
+         "--optim.debug_checks", "true", "--optim.inactive", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +101,7 @@ def test_block_optimizer_run_logs_selection(one_rank_block_reference, tmp_path):
     assert 0 < last["selected_params"] <= 0.2 * (last["n_params"] - last["always_params"])
     assert last["always_state_bytes"] == 8 * last["always_params"] > 0
     assert last["optim_state_bytes"] <= 8 * (last["selected_params"] + last["always_params"]) + 4096
-    assert last["inactive_params"] == last["n_params"] - last["always_params"] - last["selected_params"]
+    assert last["inactive_params"] == 0  # frozen: nothing is sign-stepped
     churn = [r["selection_churn"] for r in rows]
     assert any(c > 0 for c in churn[1:]), "reselect_every 7 should have moved the selection"
 
@@ -128,12 +132,13 @@ def test_dense_galore_run_keeps_projected_state(tmp_path):
 BLOCK_KEEP = BLOCK + ["--optim.keep_state_on_reselect", "true"]
 # the rest frozen: a sign flipped by rounding would move a refit GaLore basis past 1e-5 (the sign
 # rule with GaLore over ranks is tested in tests/optim/test_inactive_rules.py, to 2e-4)
-GALORE = BLOCK_KEEP + ["--optim.projection", "galore", "--optim.rank", "32", "--optim.inactive", "none"]
+GALORE = BLOCK_KEEP + ["--optim.projection", "galore", "--optim.rank", "32"]
+SIGN = BLOCK_KEEP + ["--optim.inactive", "sign"]  # (the later value wins)
 
 
 @pytest.mark.parametrize("nproc,optim", [(2, []), (3, []), (2, BLOCK_KEEP), (3, BLOCK_KEEP), (4, BLOCK_KEEP),
-                                         (3, GALORE)],
-                         ids=["adamw-2", "adamw-3", "block-2", "block-3", "block-4", "block_galore-3"])
+                                         (3, GALORE), (2, SIGN)],
+                         ids=["adamw-2", "adamw-3", "block-2", "block-3", "block-4", "block_galore-3", "block_sign-2"])
 def test_fsdp2_matches_one_rank(tmp_path, nproc, optim):
     """FSDP2 (fully_shard) under torchrun; 3 ranks shard unevenly. Same global batch as 1 rank.
     With the block optimizer each rank updates its row shard of each selected block; projected
@@ -145,7 +150,7 @@ def test_fsdp2_matches_one_rank(tmp_path, nproc, optim):
     ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1)
     run_pretrain(["--run_dir", str(tmp_path / "run"), "--backend", "fsdp", "--deepspeed_config",
                   str(ds), "--train.steps", "8"] + TINY + optim, launcher="torchrun", nproc=nproc)
-    np.testing.assert_allclose(losses(tmp_path / "run"), losses(ref), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(losses(tmp_path / "run"), losses(ref), rtol=0, atol=5e-3 if optim is SIGN else 1e-5)
     if optim:
         got, want = read_metrics(tmp_path / "run"), read_metrics(ref)
         assert [r["selected_params"] for r in got] == [r["selected_params"] for r in want]

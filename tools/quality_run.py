@@ -387,6 +387,8 @@ def parse_args(argv):
                    help="ranks per run (torchrun): multiplies the batch; the deepspeed_config's ZeRO "
                         "stage (default 0: state replicated) applies to every mode")
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
+    p.add_argument("--report-only", "--report_only", dest="report_only", action="store_true",
+                   help="train nothing: tabulate and plot the complete runs of the plan found under --out")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further launch/pretrain.py options for every run (put last)")
     args = p.parse_args(argv)
@@ -417,8 +419,14 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     planned = plan(args.modes, args.grid, args.seeds)
     check_options(planned, args)
+    if args.report_only:  # (a protocol still under way, or one cut short: say what is missing)
+        missing = [run.name for run in planned if not is_complete(args.out / run.name, args.steps)]
+        if missing:
+            print(f"--report-only: not complete, left out: {', '.join(missing)}", flush=True)
+        planned = [run for run in planned if run.name not in missing]
     runs = [summarize_run(run, train(run, args)) for run in planned]
-    modes = {m: summarize_mode([r for r in runs if r["mode"] == m]) for m in args.modes}
+    modes = {m: summarize_mode([r for r in runs if r["mode"] == m]) for m in args.modes
+             if any(r["mode"] == m for r in runs)}
     compare_with_reference(modes)
     protocol = protocol_record(args, runs, args.grid)
     (args.out / "results.json").write_text(json.dumps({"protocol": protocol, "modes": modes, "runs": runs},
