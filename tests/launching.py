@@ -41,7 +41,9 @@ def launch_cmd(launcher: str, nproc: int) -> list[str]:
 
 def run_pretrain(args: list[str], launcher: str = "python", nproc: int = 1,
                  timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # one intra-op thread, as the launchers give each rank: a 1-rank reference then runs the same
+    # kernels with the same rounding (see conftest.one_thread)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(launch_cmd(launcher, nproc) + args, cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:
