@@ -11,8 +11,10 @@ from tests.launching import (PRETRAIN, REPO, TINY, losses, one_rank_reference, r
                              write_ds_config)
 
 STEPS = 6
+# the block optimizer with the rest frozen: these runs check the launchers to 1e-5, which the sign
+# rule meets only to ~1e-3 (see tests/test_trainer.py's BLOCK)
 OPTIMIZERS = {"adamw": [], "block": ["--optim.name", "block", "--optim.density", "0.2",
-                                      "--optim.reselect_every", "3"]}
+                                      "--optim.reselect_every", "3", "--optim.inactive", "none"]}
 
 
 @pytest.fixture(scope="module", params=sorted(OPTIMIZERS))
