@@ -39,11 +39,16 @@ def launch_cmd(launcher: str, nproc: int) -> list[str]:
     raise ValueError(launcher)
 
 
+def launch_env(**extra: str) -> dict[str, str]:
+    """The environment of every launched run: one intra-op thread per process, as torchrun gives
+    each rank, so a 1-rank reference runs the same kernels with the same rounding as the ranks
+    (see conftest.one_thread); unbuffered output."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
 def run_pretrain(args: list[str], launcher: str = "python", nproc: int = 1,
                  timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    # one intra-op thread, as the launchers give each rank: a 1-rank reference then runs the same
-    # kernels with the same rounding (see conftest.one_thread)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = launch_env()
     proc = subprocess.run(launch_cmd(launcher, nproc) + args, cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -78,7 +83,7 @@ def run_two_nodes(args: list[str], tmp: Path, timeout: float = 300) -> list[str]
     nodes = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile",
                                str(hosts), "--no_ssh", "--node_rank", str(n), "--master_addr",
                                "127.0.0.1", "--master_port", port, PRETRAIN] + args,
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for n in (0, 1)]
     outputs = [p.communicate(timeout=timeout)[0] for p in nodes]
     if [p.returncode for p in nodes] != [0, 0]:

