@@ -9,6 +9,7 @@ from scaletrain.data import (LocalC4, PreparedCorpus, PreparedDataError, Prepare
                              tokenizer_fingerprint)
 from scaletrain.data.prepared import prepared_eval_windows
 from tests.data.corpus import prepared
+from tests.data.test_loader import global_windows
 
 SEQ = 32
 
@@ -25,26 +26,13 @@ def data(tmp_path_factory, tok):
     return src, PreparedCorpus(out, tokenizer_fingerprint(tok))
 
 
-def rank_windows(loader, steps):
-    """{global window index: window} of this rank's next `steps` steps, by the documented formula."""
-    m, a, w, r = loader.micro_batch, loader.grad_accum, loader.world_size, loader.rank
-    out = {}
-    for _ in range(steps):
-        base = loader.windows_consumed
-        for k, micro in enumerate(loader.next_step()):
-            assert micro.shape == (m, SEQ + 1) and micro.dtype == torch.long
-            for i in range(m):
-                out[base + (k * w + r) * m + i] = micro[i]
-    return out
-
-
 def all_ranks(corpus, world_size, steps, state=None, shuffle=False, seed=0):
     union = {}
     for rank in range(world_size):
         loader = PreparedWindowLoader(corpus, SEQ, 2, 2, rank, world_size, shuffle, seed)
         if state is not None:
             loader.load_state_dict(state)
-        windows = rank_windows(loader, steps)
+        windows = global_windows(loader, steps)
         assert not set(windows) & set(union), "two ranks got the same global window"
         union.update(windows)
     return union, loader.state_dict()
