@@ -240,7 +240,7 @@ def _train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None, backend
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config.get("gradient_accumulation_steps", 1)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg.model.preset, tokenizer.vocab_size, seed=cfg.seed,
-                        activation_checkpointing=cfg.model.activation_checkpointing)
+                        activation_checkpointing=cfg.model.activation_checkpointing, device=ctx.device)
     n_params = count_params(model)
     if backend == "fsdp":
         model = shard_model(model, ds_config, ctx)  # before the optimizer sees the parameters
@@ -263,6 +263,8 @@ def _train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None, backend
         closing.callback(saver.close)
     metrics = closing.enter_context(contextlib.closing(MetricsWriter(run_dir, ctx.is_main)))
     bar = closing.enter_context(contextlib.closing(ProgressBar(cfg.train.steps, start, ctx.is_main)))
+    if ctx.device.type == "cuda":  # peak_mem_bytes: training's peak, not the fp32 init before the bf16 cast
+        torch.cuda.reset_peak_memory_stats(ctx.device)
     step_times: list[float] = []
     data_waits: list[float] = []
     heatmap_at = 0

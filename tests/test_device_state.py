@@ -52,6 +52,7 @@ def test_state_saved_on_cpu_is_moved_to_the_resuming_device(tmp_path):
                 assert resumed.block_state[name][key].shape == value.shape, (name, key)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_state_saved_on_cuda_loads_on_cpu_and_resumes_on_cuda(tmp_path):
     saved = trained_optimizer("cuda")

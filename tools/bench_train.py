@@ -25,8 +25,11 @@ PRETRAIN = str(REPO / "launch" / "pretrain.py")
 MODES = {
     "adamw": ["--optim.name", "adamw"],
     "block": ["--optim.name", "block"],
+    "block_frozen": ["--optim.name", "block", "--optim.inactive", "none"],  # unselected blocks skip weight grads
     "block_galore": ["--optim.name", "block", "--optim.projection", "galore"],
     "block_galore_8bit": ["--optim.name", "block", "--optim.projection", "galore", "--optim.eight_bit", "true"],
+    "block_galore_8bit_frozen": ["--optim.name", "block", "--optim.projection", "galore", "--optim.eight_bit", "true",
+                                 "--optim.inactive", "none"],
     "galore": ["--optim.name", "galore"],
     "gradnorm_lorp": ["--optim.name", "gradnorm_lorp"],
 }
@@ -40,7 +43,7 @@ def launcher_cmd(launcher: str, nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), PRETRAIN]
 
 
-def run_mode(mode: str, args, out_root: Path) -> dict:
+def run_mode(mode: str, args, out_root: Path, timeout_s: float | None = None) -> dict:
     run_dir = out_root / mode
     cmd = launcher_cmd(args.launcher, args.nproc) + [
         "--run_dir", str(run_dir), "--model.preset", args.preset, "--deepspeed_config", args.deepspeed_config,
@@ -49,7 +52,10 @@ def run_mode(mode: str, args, out_root: Path) -> dict:
         "--train.warmup_steps", "0", "--train.eval_windows", "8", "--checkpoint.every_steps", "-1",
         "--model.activation_checkpointing", str(args.activation_checkpointing).lower(),
     ] + MODES[mode] + args.extra
-    proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -58,6 +64,9 @@ def run_mode(mode: str, args, out_root: Path) -> dict:
     last = logged[-1]
     return {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+        "step_time_s": statistics.median(r["step_time_s"] for r in steady),
+        # the last selection pass's own time (block modes): compare with step_time_s
+        "selection_time_s": last.get("selection_time_s"),
         "mfu": statistics.median(r["mfu"] for r in steady) if "mfu" in last else None,
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in logged),
         "optim_state_bytes_per_rank": last["optim_state_bytes"],

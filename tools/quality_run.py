@@ -28,6 +28,7 @@ import math
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
@@ -386,6 +387,9 @@ def parse_args(argv):
     p.add_argument("--nproc", type=int, default=1,
                    help="ranks per run (torchrun): multiplies the batch; the deepspeed_config's ZeRO "
                         "stage (default 0: state replicated) applies to every mode")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once (several small runs can share one GPU; on a CPU they "
+                        "share its cores, and their step times are then not comparable)")
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--report-only", "--report_only", dest="report_only", action="store_true",
                    help="train nothing: tabulate and plot the complete runs of the plan found under --out")
@@ -401,8 +405,8 @@ def parse_args(argv):
         args.grid = parse_lr_grid(args.lr_grid, args.modes)
     except ValueError as e:
         p.error(str(e))
-    if args.steps <= 0 or args.eval_every <= 0 or args.nproc <= 0:
-        p.error("--steps, --eval_every and --nproc must be positive")
+    if args.steps <= 0 or args.eval_every <= 0 or args.nproc <= 0 or args.jobs <= 0:
+        p.error("--steps, --eval_every, --nproc and --jobs must be positive")
     data = Path(args.data)
     args.data = (data if data.is_absolute() or data.exists() else REPO / data).resolve()
     if not args.data.exists():
@@ -424,7 +428,12 @@ def main(argv=None) -> None:
         if missing:
             print(f"--report-only: not complete, left out: {', '.join(missing)}", flush=True)
         planned = [run for run in planned if run.name not in missing]
-    runs = [summarize_run(run, train(run, args)) for run in planned]
+    if args.jobs > 1:  # runs too small to fill a GPU share it; each run is still one process
+        with ThreadPoolExecutor(args.jobs) as pool:
+            run_dirs = list(pool.map(lambda run: train(run, args), planned))
+    else:
+        run_dirs = [train(run, args) for run in planned]
+    runs = [summarize_run(run, run_dir) for run, run_dir in zip(planned, run_dirs)]
     modes = {m: summarize_mode([r for r in runs if r["mode"] == m]) for m in args.modes
              if any(r["mode"] == m for r in runs)}
     compare_with_reference(modes)

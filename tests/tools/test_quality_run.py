@@ -34,7 +34,7 @@ def quality_run(tmp_path, *extra):
 
 def test_protocol_outputs_then_incremental_rerun(tmp_path):
     tiny_corpus(tmp_path / "wiki.jsonl.gz")
-    first = quality_run(tmp_path)
+    first = quality_run(tmp_path, "--jobs", "3")  # the three runs at once, as on a GPU
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     out = tmp_path / "out"
     names = ["adamw_lr0.001_s0", "adamw_lr0.003_s0", "galore_torch_lr0.01_s0"]

@@ -1,0 +1,47 @@
+"""The optimizers on a GPU take the steps they take on the CPU (same start, same batches): the
+block optimizer in its default form (always-trained embedding/head/norms, Adam on selected blocks,
+signSGD on the rest) and with GaLore + 8-bit moments, and fused AdamW against foreach AdamW."""
+import copy
+
+import pytest
+import torch
+
+from scaletrain.config import OptimConfig
+from scaletrain.models.llama import build_model, causal_lm_loss
+from scaletrain.optim import build_optimizer
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+VOCAB = 256
+
+
+def losses_on(device: str, cfg: OptimConfig, steps: int = 4) -> list[float]:
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 matmuls on both sides
+    model = copy.deepcopy(build_model("llama_9m", VOCAB, seed=0)).to(device)
+    optimizer, _ = build_optimizer(cfg, model, max_grad_norm=1.0)
+    batch = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(0)).to(device)
+    losses = []
+    for step in range(steps):  # one batch, learnt by heart: the loss must fall
+        if hasattr(optimizer, "selection_pass") and optimizer.wants_selection(step):
+            with optimizer.selection_pass():
+                causal_lm_loss(model, batch).backward()
+        loss = causal_lm_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("options", [
+    dict(name="adamw"),
+    dict(name="block", density=0.25, reselect_every=2),
+    dict(name="block", density=0.25, reselect_every=2, projection="galore", rank=8, eight_bit=True,
+         svd="full"),  # the randomized SVD draws other numbers on another device
+], ids=["adamw", "block_default", "block_galore_8bit"])
+def test_cuda_steps_equal_cpu_steps(options):
+    cfg = OptimConfig(lr=3e-3, **options)
+    cpu, cuda = losses_on("cpu", cfg), losses_on("cuda", cfg)
+    assert cpu[0] == pytest.approx(cuda[0], rel=1e-5)  # the same model and batch
+    assert cuda == pytest.approx(cpu, rel=2e-3)
+    assert cuda[-1] < cuda[0]
