@@ -40,9 +40,9 @@ PRETRAIN = str(REPO / "launch" / "pretrain.py")
 def gpu_settings() -> dict:
     return {
         "speed": dict(preset="llama_350m", modes=["adamw", "block", "block_frozen", "block_galore_8bit"],
-                      steps=15, log_every=5, ds="ds_configs/gpu_bf16.json", tokenizer="llama32k", ac=False),
+                      steps=20, log_every=5, ds="ds_configs/gpu_bf16.json", tokenizer="llama32k", ac=False),
         "speed_ac": dict(preset="llama_1b", modes=["adamw", "block", "block_frozen", "block_galore_8bit"],
-                         steps=15, log_every=5, ds="ds_configs/gpu_bf16.json", tokenizer="llama32k", ac=True),
+                         steps=20, log_every=5, ds="ds_configs/gpu_bf16.json", tokenizer="llama32k", ac=True),
         # the 7B tries: (mode, micro-batch), the first that trains is the largest that fits
         "7b": dict(preset="llama_7b", tries=[("block_galore_8bit", 8), ("block_galore_8bit_frozen", 8),
                                               ("block_galore_8bit_frozen", 1)],
@@ -63,9 +63,11 @@ def cpu_settings() -> dict:
 
 
 def bench_args(preset, steps, log_every, ds, tokenizer, ac) -> argparse.Namespace:
+    # a second selection pass at step 10 (steps 11-15's row; the median of three rows leaves it
+    # out of tokens/s): the reported selection time is a warm pass, not the first one's start-up
     return argparse.Namespace(launcher="python", nproc=1, preset=preset, deepspeed_config=ds, tokenizer=tokenizer,
                               seq_len=256, steps=steps, log_every=log_every, activation_checkpointing=ac,
-                              extra=[])
+                              extra=["--optim.reselect_every", "10"])
 
 
 def speed_part(cfg: dict, out: Path, deadline: float) -> dict:
@@ -203,7 +205,8 @@ def main(argv=None) -> dict:
                    help="cpu: a dry run at tiny sizes (hides any GPU from the runs)")
     p.add_argument("--out", type=Path, default=Path("runs/gpu_check"))
     p.add_argument("--parts", default="speed,speed_ac,7b,resume,tests")
-    p.add_argument("--budget_s", type=float, default=480.0, help="the whole check's time limit (s)")
+    p.add_argument("--budget_s", type=float, default=480.0,
+                   help="the whole check's time limit (s), shared between the parts")
     args = p.parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the runs are subprocesses: they inherit it
@@ -211,8 +214,8 @@ def main(argv=None) -> dict:
         p.error("no CUDA device is visible: run on a GPU machine, or pass --device cpu for a dry run")
     settings = cpu_settings() if args.device == "cpu" else gpu_settings()
     parts = args.parts.split(",")
-    # each part's share of the budget, in proportion to what it usually takes
-    shares = {"speed": 0.25, "speed_ac": 0.25, "7b": 0.25, "resume": 0.12, "tests": 0.08}
+    # each part's share of the budget, in proportion to what it took on an H200 (docs/gpu/)
+    shares = {"speed": 0.22, "speed_ac": 0.28, "7b": 0.25, "resume": 0.15, "tests": 0.10}
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
