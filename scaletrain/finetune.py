@@ -30,7 +30,7 @@ from scaletrain.config import ConfigError, load_ds_config, resolve_path
 from scaletrain.data import CorruptShardError, DataPathError, c4_source, eval_windows, load_tokenizer
 from scaletrain.data.tasks import (Batch, ExampleLoader, Task, TaskDataError, check_fields, load_rows,
                                    make_batch)
-from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
+from scaletrain.distributed.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
                                      init_distributed, resolve_backend, shutdown)
 from scaletrain.finetune_config import ZO, FinetuneConfig, help_text, load_finetune_config, to_dict
 from scaletrain.metrics import MetricsWriter, ProgressBar, peak_memory_bytes
@@ -320,7 +320,7 @@ def _tensor_bytes(model) -> int:
 def finetune(cfg: FinetuneConfig, run_dir: Path | None, inputs: Inputs | None = None) -> dict:
     inputs = inputs or preflight(cfg)
     backend = resolve_backend(cfg.backend)
-    from scaletrain.dist.engines import resolve_precision
+    from scaletrain.distributed.engines import resolve_precision
 
     ds_config = resolve_precision(load_ds_config(cfg.deepspeed_config))
     ctx = init_distributed(backend)
@@ -356,7 +356,7 @@ def finetune(cfg: FinetuneConfig, run_dir: Path | None, inputs: Inputs | None = 
         module = model
         trainable = zm.trainable
     else:
-        from scaletrain.dist.engines import build_engine
+        from scaletrain.distributed.engines import build_engine
         from scaletrain.optim import build_optimizer
         from scaletrain.optim.schedule import build_scheduler
 

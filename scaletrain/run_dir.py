@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from scaletrain.config import ConfigError
-from scaletrain.dist.runtime import DistContext
+from scaletrain.distributed.runtime import DistContext
 
 
 def choose_run_dir(run_dir: str, resume: str | None) -> Path | None:

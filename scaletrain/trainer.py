@@ -20,9 +20,9 @@ from scaletrain.config import (ConfigError, RunConfig, given_keys, help_text, lo
                                resumed_config, to_dict)
 from scaletrain.data import CorruptShardError, DataPathError, load_tokenizer
 from scaletrain.data.pipeline import train_loader, validation_batches
-from scaletrain.dist.engines import (build_engine, check_zero_stage, local_shard, nan_grad_steps, resolve_precision,
+from scaletrain.distributed.engines import (build_engine, check_zero_stage, local_shard, nan_grad_steps, resolve_precision,
                                      shard_model)
-from scaletrain.dist.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
+from scaletrain.distributed.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
                                      init_distributed, is_peer_failure, lost_rank_message,
                                      resolve_backend, shutdown)
 from scaletrain.metrics import (MetricsWriter, ProgressBar, peak_flops, peak_memory_bytes, selection_heatmap,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from scaletrain.dist.local_ranks import run_ranks
+from tools.local_ranks import run_ranks
 
 
 @pytest.fixture

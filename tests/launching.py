@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scaletrain.dist.local_ranks import free_port
+from tools.local_ranks import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = str(REPO / "launch" / "pretrain.py")

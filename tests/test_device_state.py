@@ -6,7 +6,7 @@ import torch
 
 from scaletrain import checkpoint as ckpt
 from scaletrain.config import ConfigError
-from scaletrain.dist.engines import check_zero_stage
+from scaletrain.distributed.engines import check_zero_stage
 from scaletrain.models.llama import causal_lm_loss
 from scaletrain.optim.blockllm import BlockOptimizer
 from tests.launching import TINY, run_pretrain, write_ds_config

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from scaletrain.dist.local_ranks import free_port
+from tools.local_ranks import free_port
 from tests.launching import PRETRAIN, REPO, TINY, write_ds_config
 
 TIMEOUT_S = 10

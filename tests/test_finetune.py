@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from scaletrain.dist.local_ranks import free_port
+from tools.local_ranks import free_port
 from tests.launching import PRETRAIN, REPO, read_metrics, write_ds_config
 
 FINETUNE = str(REPO / "launch" / "finetune.py")

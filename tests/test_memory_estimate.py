@@ -220,7 +220,7 @@ def _deepspeed_zero2_adamw_state():
     partition, measured after one step."""
     import deepspeed
 
-    from scaletrain.dist.runtime import skip_deepspeed_shm_allreduce
+    from scaletrain.distributed.runtime import skip_deepspeed_shm_allreduce
 
     skip_deepspeed_shm_allreduce()  # DeepSpeed's CPU shm all-reduce leaks /dev/shm (see runtime.py)
     model = build_model(PRESET, DEFAULT_VOCAB)

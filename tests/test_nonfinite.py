@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from scaletrain.config import RunConfig
-from scaletrain.dist.engines import NAN_GRAD_ENV
-from scaletrain.dist.runtime import DistContext
+from scaletrain.distributed.engines import NAN_GRAD_ENV
+from scaletrain.distributed.runtime import DistContext
 from scaletrain.metrics import MetricsWriter
 from scaletrain.trainer import save, state_is_finite
 from tests.launching import TINY, read_metrics, run_pretrain, write_ds_config

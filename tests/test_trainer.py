@@ -108,7 +108,7 @@ def test_block_optimizer_run_logs_selection(one_rank_block_reference, tmp_path):
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_block_two_ranks_match_one_rank(tmp_path, one_rank_block_reference, launcher):
-    # stage 2 under deepspeed, stage 1 under torchrun (stage 0 runs in tests/dist/test_launchers.py)
+    # stage 2 under deepspeed, stage 1 under torchrun (stage 0 runs in tests/distributed/test_launchers.py)
     ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1, stage=2 if launcher == "deepspeed" else 1)
     run_pretrain(["--run_dir", str(tmp_path / "run"), "--deepspeed_config", str(ds),
                   "--train.steps", str(STEPS)] + TINY + BLOCK, launcher=launcher, nproc=2)

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scaletrain.config import OptimConfig  # noqa: E402
 from scaletrain.data import TrainWindowLoader, c4_source, load_tokenizer  # noqa: E402
-from scaletrain.dist.engines import DeepSpeedEngine, SingleEngine  # noqa: E402
-from scaletrain.dist.local_ranks import run_ranks  # noqa: E402
-from scaletrain.dist.runtime import DistContext, all_reduce_max, all_reduce_sum  # noqa: E402
+from scaletrain.distributed.engines import DeepSpeedEngine, SingleEngine  # noqa: E402
+from scaletrain.distributed.runtime import DistContext, all_reduce_max, all_reduce_sum  # noqa: E402
 from scaletrain.metrics import peak_memory_bytes  # noqa: E402
+from tools.local_ranks import run_ranks  # noqa: E402
 from scaletrain.models.llama import build_model, count_params  # noqa: E402
 from scaletrain.optim import build_optimizer  # noqa: E402
 from scaletrain.optim.schedule import build_scheduler  # noqa: E402

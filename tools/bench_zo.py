@@ -96,7 +96,7 @@ def _zo_cfg(args, density: float, quant: str, lr: float):
 def _prepare(mode: str, model, tokenizer, args, lr: float):
     """(step function, objects holding the state) for a mode, on a loaded fp32 model."""
     from scaletrain.config import OptimConfig
-    from scaletrain.dist.runtime import DistContext
+    from scaletrain.distributed.runtime import DistContext
     from scaletrain.finetune import build_zo, task_loss, zo_step
     from scaletrain.optim import build_optimizer
 
@@ -165,7 +165,7 @@ def worker_memory(args) -> dict:
 
 def worker_accuracy(args) -> dict:
     from scaletrain.data.tasks import ExampleLoader, make_batch
-    from scaletrain.dist.runtime import DistContext
+    from scaletrain.distributed.runtime import DistContext
     from scaletrain.finetune import evaluate, load_model, resolve_model
 
     torch.set_num_threads(args.threads)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from scaletrain.dist.runtime import DistContext, all_reduce_max
+from scaletrain.distributed.runtime import DistContext, all_reduce_max
 from scaletrain.models.llama import causal_lm_loss
 
 log = logging.getLogger("scaletrain")
@@ -245,7 +245,7 @@ class DeepSpeedEngine:
                  syncs_grads: bool):
         import deepspeed
 
-        from scaletrain.dist.runtime import skip_deepspeed_shm_allreduce
+        from scaletrain.distributed.runtime import skip_deepspeed_shm_allreduce
 
         skip_deepspeed_shm_allreduce()  # (when the process group was started without DeepSpeed)
         ds = dict(ds_config)

@@ -1,0 +1,1 @@
+"""Benchmarks, measurement tools and the local multi-process harness (not part of the installed package)."""
