@@ -586,25 +586,31 @@ class BlockOptimizer(torch.optim.Optimizer):
             coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grad_norm_
             for g in grads:
                 g.mul_(coef)
-        hyper = Hyper(lr, beta1, beta2, eps, wd)
-        for b, grad in zip(mine, grads):
-            if grad.numel() == 0:
-                continue  # FSDP: none of this block's rows live on this rank
-            weight = self._weight(b)
-            if b.name not in self.block_state:
-                self.block_state[b.name] = self._new_state(b, weight)
-            st = self.block_state[b.name]
-            if self.master_weights:
-                self.rule.update(b, st["master"], grad, st, hyper)
-                weight.copy_(st["master"])  # round to bf16
-            else:
-                self.rule.update(b, weight, grad, st, hyper)
+        self._update_blocks(mine, grads, Hyper(lr, beta1, beta2, eps, wd))
         if sharded:
             for owner, owned in by_owner.items():
                 sent += self._broadcast_from_owner([self._weight(b) for b in owned], owner)
         self.wire_bytes_last_step = sent
         self._grad32 = {}  # consumed (DeepSpeed's engine clears p.grad itself, not through zero_grad)
         return loss
+
+    def _update_blocks(self, blocks: list[Block], grads: list[torch.Tensor], hyper: Hyper) -> None:
+        """The rule's update on this rank's blocks, all at once (multi-tensor where the rule can);
+        with master weights the fp32 masters are updated, then rounded into the bf16 weights."""
+        live = [(b, g) for b, g in zip(blocks, grads) if g.numel()]  # FSDP: a block may have no local rows
+        if not live:
+            return
+        blocks, grads = [b for b, _ in live], [g for _, g in live]
+        weights = [self._weight(b) for b in blocks]
+        for b, w in zip(blocks, weights):
+            if b.name not in self.block_state:
+                self.block_state[b.name] = self._new_state(b, w)
+        states = [self.block_state[b.name] for b in blocks]
+        if self.master_weights:
+            self.rule.update_blocks(blocks, [st["master"] for st in states], grads, states, hyper)
+            torch._foreach_copy_(weights, [st["master"] for st in states])  # round to bf16
+        else:
+            self.rule.update_blocks(blocks, weights, grads, states, hyper)
 
     # ------------------------------------------------------------------ inactive blocks
     def _inactive_step(self, lr: float, wd: float, sharded: bool) -> tuple[torch.Tensor, int]:
@@ -629,8 +635,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         if self._world() > 1 and not self.fsdp:
             sent = self._all_reduce(grads)
         sq = sum((g.double().pow(2).sum() for g in grads), zero)
-        for b, g in zip(blocks, grads):
-            self._apply_sign(self._weight(b), torch.sign(g), lr, wd)
+        self._apply_signs([self._weight(b) for b in blocks], torch._foreach_sign(grads), lr, wd)
         self._drop_inactive_grads()
         return sq, sent
 
@@ -649,20 +654,22 @@ class BlockOptimizer(torch.optim.Optimizer):
             sq += shard.double().pow(2).sum()
             packed = torch.empty(padded // 4, dtype=torch.uint8, device=self.device)
             dist.all_gather_into_tensor(packed, pack_signs(shard), group=self.group)
-            signs = unpack_signs(packed)[:n]
+            signs = unpack_signs(packed)[:n].split([g.numel() for g in bucket])
             sent += (world - 1) * (flat.numel() * 4 + packed.numel()) // world
-            offset = 0
-            for b, g in zip(blocks[start:start + len(bucket)], bucket):
-                self._apply_sign(self._weight(b), signs[offset:offset + g.numel()].view_as(g), lr, wd)
-                offset += g.numel()
+            self._apply_signs([self._weight(b) for b in blocks[start:start + len(bucket)]],
+                              [s.view_as(g) for s, g in zip(signs, bucket)], lr, wd)
             start += len(bucket)
         return sq, sent
 
     @staticmethod
-    def _apply_sign(weight: torch.Tensor, sign: torch.Tensor, lr: float, wd: float) -> None:
+    def _apply_signs(weights: list[torch.Tensor], signs: list[torch.Tensor], lr: float, wd: float) -> None:
+        """w -= lr * sign, multi-tensor; decoupled weight decay first, as the Adam blocks' AdamW."""
+        if not weights:
+            return
+        signs = [s if s.dtype == w.dtype else s.to(w.dtype) for s, w in zip(signs, weights)]
         if wd:
-            weight.mul_(1 - lr * wd)  # decoupled, as the Adam blocks' AdamW
-        weight.add_(sign.to(weight.dtype), alpha=-lr)
+            torch._foreach_mul_(weights, 1 - lr * wd)
+        torch._foreach_add_(weights, signs, alpha=-lr)
 
     def _drop_inactive_grads(self) -> None:
         """Gradients of tensors no chosen block shares are used up by the sign step."""

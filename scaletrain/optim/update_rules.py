@@ -70,8 +70,17 @@ def _to(state: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in state.items()}
 
 
-class AdamWRule:
-    """torch.optim.AdamW's single-tensor update, op for op (bit-identical in fp32)."""
+class PerBlockRule:
+    """A rule that updates one block at a time; update_blocks() loops over update()."""
+
+    def update_blocks(self, blocks, weights, grads, states, hp: Hyper) -> None:
+        for block, weight, grad, state in zip(blocks, weights, grads, states):
+            self.update(block, weight, grad, state, hp)
+
+
+class AdamWRule(PerBlockRule):
+    """torch.optim.AdamW's single-tensor update, op for op (bit-identical in fp32); many blocks
+    at once through torch's multi-tensor (foreach) kernels, with the same arithmetic."""
 
     def __init__(self, eight_bit: bool = False):
         self.moments = MomentStore(eight_bit)
@@ -97,8 +106,32 @@ class AdamWRule:
         self.moments.store(state, "exp_avg", m, signed=True)
         self.moments.store(state, "exp_avg_sq", v, signed=False)
 
+    def update_blocks(self, blocks, weights, grads, states, hp: Hyper) -> None:
+        """update() on every block, one kernel launch per op for all blocks with fp32 moments and
+        the same step count (on a GPU the per-block loop is launch-bound); 8-bit ones one by one."""
+        groups: dict[float, list[int]] = {}
+        for i, (block, state) in enumerate(zip(blocks, states)):
+            if "exp_avg" in state and "exp_avg_sq" in state:
+                groups.setdefault(state["step"] + 1.0, []).append(i)
+            else:
+                self.update(block, weights[i], grads[i], state, hp)
+        for step, idx in groups.items():
+            w, g = [weights[i] for i in idx], [grads[i] for i in idx]
+            m, v = [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx]
+            for i in idx:
+                states[i]["step"] = step
+            if hp.weight_decay != 0:
+                torch._foreach_mul_(w, 1 - hp.lr * hp.weight_decay)
+            torch._foreach_lerp_(m, g, 1 - hp.beta1)
+            torch._foreach_mul_(v, hp.beta2)
+            torch._foreach_addcmul_(v, g, g, value=1 - hp.beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, (1 - hp.beta2 ** step) ** 0.5)
+            torch._foreach_add_(denom, hp.eps)
+            torch._foreach_addcdiv_(w, m, denom, value=-hp.lr / (1 - hp.beta1 ** step))
 
-class GaLoreRule:
+
+class GaLoreRule(PerBlockRule):
     """GaLore-AdamW on one block, following galore-torch's arithmetic: the basis is refit when
     the step count (before the increment) is a multiple of update_proj_gap, i.e. at the first
     update and every gap updates after; moments persist across refits, as in GaLore. Blocks that
