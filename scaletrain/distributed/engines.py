@@ -209,14 +209,18 @@ class FSDPEngine(SingleEngine):
 
     def grad_leaves(self) -> dict[str, torch.Tensor]:
         """The unsharded parameters autograd accumulates into (FSDP2 creates them at the first
-        all-gather and reuses them): all-gathered once here, through the public unshard()."""
+        all-gather and reuses them), found through the public unshard() one FSDP module at a time,
+        so no rank ever holds more than one layer unsharded (at 7B, not the whole model). Inner
+        modules come first: the root's listing then shows their parameters sharded again, and
+        the unsharded tensors recorded for them are kept."""
         from torch.distributed.fsdp import FSDPModule
 
-        modules = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
-        for m in modules:
+        leaves: dict[str, torch.Tensor] = {}
+        fsdp_modules = [(n, m) for n, m in self.module.named_modules() if isinstance(m, FSDPModule)]
+        for prefix, m in reversed(fsdp_modules):
             m.unshard()
-        leaves = dict(self.module.named_parameters())
-        for m in modules:
+            for name, p in m.named_parameters():
+                leaves.setdefault(f"{prefix}.{name}" if prefix else name, p)
             m.reshard()
         return leaves
 
