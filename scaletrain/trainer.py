@@ -27,7 +27,7 @@ from scaletrain.distributed.runtime import (DistContext, all_reduce_max, all_red
                                      resolve_backend, shutdown)
 from scaletrain.metrics import (MetricsWriter, ProgressBar, peak_flops, peak_memory_bytes, selection_heatmap,
                                 train_flops_per_token)
-from scaletrain.models.llama import build_model, causal_lm_loss, count_params
+from scaletrain.models.llama import compile_layers, build_model, causal_lm_loss, count_params
 from scaletrain.optim import build_optimizer
 from scaletrain.optim.schedule import build_scheduler
 from scaletrain.run_dir import agree_on_run_dir, choose_run_dir, setup_logging
@@ -242,6 +242,8 @@ def _train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None, backend
     model = build_model(cfg.model.preset, tokenizer.vocab_size, seed=cfg.seed,
                         activation_checkpointing=cfg.model.activation_checkpointing, device=ctx.device)
     n_params = count_params(model)
+    if cfg.model.compile:
+        compile_layers(model)
     if backend == "fsdp":
         model = shard_model(model, ds_config, ctx)  # before the optimizer sees the parameters
     optimizer, syncs_grads = build_optimizer(cfg.optim, model, float(ds_config.get("gradient_clipping", 0.0)))

@@ -24,6 +24,8 @@ PRETRAIN = str(REPO / "launch" / "pretrain.py")
 
 MODES = {
     "adamw": ["--optim.name", "adamw"],
+    "adamw_compiled": ["--optim.name", "adamw", "--model.compile", "true"],
+    "block_compiled": ["--optim.name", "block", "--model.compile", "true"],
     "block": ["--optim.name", "block"],
     "block_frozen": ["--optim.name", "block", "--optim.inactive", "none"],  # unselected blocks skip weight grads
     "block_galore": ["--optim.name", "block", "--optim.projection", "galore"],

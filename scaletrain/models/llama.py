@@ -70,6 +70,14 @@ def build_model(preset: str, vocab_size: int, *, seed: int = 0,
     return model
 
 
+def compile_layers(model: LlamaForCausalLM) -> None:
+    """torch.compile each decoder layer in place (torchtitan's per-block compile): the layers share
+    one code object, so one compiled graph serves all of them; embedding, norm, head and loss stay
+    eager. Compile before FSDP wraps the layers."""
+    for layer in model.model.layers:
+        layer.compile()
+
+
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -33,3 +33,44 @@ def test_loss_is_next_token_cross_entropy():
     logits = model(input_ids=w[:, :-1]).logits[0]
     expected = torch.nn.functional.cross_entropy(logits, w[0, 1:])
     torch.testing.assert_close(causal_lm_loss(model, w), expected)
+
+
+def block_default_losses(model, steps: int = 4) -> list[float]:
+    """The block optimizer's default mode (sign rest), a selection pass every 2 steps."""
+    from scaletrain.config import OptimConfig
+    from scaletrain.optim import build_optimizer
+
+    optimizer, _ = build_optimizer(OptimConfig(name="block", lr=3e-3, density=0.25, reselect_every=2), model)
+    batch = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for step in range(steps):
+        if optimizer.wants_selection(step):
+            with optimizer.selection_pass():
+                causal_lm_loss(model, batch).backward()
+        loss = causal_lm_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_as_eager_and_compile_a_bounded_number_of_graphs():
+    """model.compile: the same losses as eager under the block default, and reselections do not
+    recompile: three selections, three graphs in all, one for training and two for the selection
+    pass (the always-trained norms inside each layer stop requiring grad there, and so does layer
+    0's input, the embedding's output), whatever blocks are selected."""
+    from torch._dynamo.utils import counters
+
+    from scaletrain.models.llama import compile_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = build_model("llama_9m", 256, seed=0)
+    compiled = build_model("llama_9m", 256, seed=0)
+    compile_layers(compiled)
+    want = block_default_losses(eager, steps=6)  # selections at steps 0, 2, 4
+    got = block_default_losses(compiled, steps=6)
+    assert got == pytest.approx(want, rel=1e-4)
+    assert counters["stats"]["unique_graphs"] == 3
