@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from scaletrain.optim.update_rules import Hyper, build_rule
+
+log = logging.getLogger("scaletrain")
 
 BUCKET_BYTES = 32 * 2**20  # gradient all-reduce bucket: bounds the flat buffer's extra memory
 # what the candidate blocks that are not selected do: none (BlockLLM, BAdam: frozen, no gradient)
@@ -379,7 +382,14 @@ class BlockOptimizer(torch.optim.Optimizer):
         if self._world() > 1:  # the one collective of a selection (on the device: nccl has no CPU)
             dist.all_reduce(sq_norms, group=self.group)
         norms = dict(zip(self.block_names, sq_norms.sqrt().tolist()))
-        self._apply_selection(self.selector.select(norms, self._pending_step))
+        bad = [n for n, v in norms.items() if not math.isfinite(v)]  # the same on every rank (reduced)
+        if bad and self.chosen:
+            log.warning("selection at step %d skipped: gradient norm not finite for %d block(s) (e.g. %s); "
+                        "the current selection stays", self._pending_step, len(bad), bad[0])
+        else:
+            for n in bad:  # the first selection must choose something: a non-finite norm ranks last
+                norms[n] = 0.0
+            self._apply_selection(self.selector.select(norms, self._pending_step))
         self._selection_time = time.perf_counter() - t0
 
     def _apply_selection(self, chosen: list[str]) -> None:

@@ -274,3 +274,22 @@ def _wire_ratio_llama20m():
 def test_wire_bytes_at_two_ranks_are_a_small_fraction_of_ddp(ranks):
     ratios = ranks(_wire_ratio_llama20m, 2)
     assert all(0 < r <= 0.12 for r in ratios), ratios
+
+
+def test_selection_with_a_non_finite_gradient_norm_keeps_the_current_selection(caplog):
+    """A NaN in one block's gradient during a selection pass (a bad batch, an overflow) must not
+    decide the selection: the blocks chosen before stay, and the log says why."""
+    model = tiny_llama()
+    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.3, frozen_patterns=(),
+                         always_train=(), reselect_every=1)
+    batch = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert opt.wants_selection(0)
+    with opt.selection_pass():
+        causal_lm_loss(model, batch).backward()
+    before = list(opt.chosen)
+    assert opt.wants_selection(1)
+    with opt.selection_pass():
+        loss = causal_lm_loss(model, batch)
+        (loss * torch.tensor(float("nan"))).backward()
+    assert opt.chosen == before
+    assert "selection at step 1 skipped: gradient norm not finite" in caplog.text
