@@ -70,7 +70,7 @@ def run_mode(mode: str, args) -> dict:
     tok = load_tokenizer(args.tokenizer)
     model = build_model(args.preset, tok.vocab_size, seed=0)
     optim_cfg, stage = MODES[mode]
-    cfg = OptimConfig(lr=args.lr, density=args.density, rank=args.rank, **optim_cfg)
+    cfg = OptimConfig(lr=args.lr, density=args.density, rank=args.rank, svd=args.svd, **optim_cfg)
     optimizer, syncs = build_optimizer(cfg, model, max_grad_norm=1.0)
     scheduler = build_scheduler(optimizer, args.steps, 0, 1.0)
     ds = {"train_micro_batch_size_per_gpu": args.micro // world, "gradient_accumulation_steps": 1,
@@ -124,6 +124,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--density", type=float, default=0.05)
     p.add_argument("--rank", type=int, default=128, help="projection rank of the galore modes")
+    p.add_argument("--svd", choices=("full", "lowrank"), default=OptimConfig.svd,
+                   help="our projected modes' SVD; 'full' is the one galore-torch's GaLoreAdamW uses")
     p.add_argument("--tokenizer", default="llama32k", help="llama32k gives the papers' param counts")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", default=None)
