@@ -75,16 +75,22 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainArgs:
+    """The train section pretraining and fine-tuning share (litgpt's TrainArgs); each entry point's
+    subclass adds its own evaluation knobs and may change defaults."""
     steps: int = doc(250, "Optimizer steps to run.")
     warmup_steps: int = doc(20, "Linear LR warm-up steps (then cosine decay).")
     min_lr_ratio: float = doc(0.1, "Cosine decays the LR to this fraction of optim.lr (GaLore: 0.1).")
     eval_every: int = doc(0, "Evaluate held-out loss every N steps (0: only at the end).")
-    eval_windows: int = doc(64, "Held-out sequences used per evaluation.")
     log_every: int = doc(10, "Write metrics every N steps.")
     max_skipped_steps: int = doc(10, "Stop the run (exit 1) after this many steps in a row whose loss or "
                                  "gradient norm is not finite; each such step is skipped on all ranks "
                                  "(no update, LR schedule held) and counted as skipped_steps.")
+
+
+@dataclass
+class TrainConfig(TrainArgs):
+    eval_windows: int = doc(64, "Held-out sequences used per evaluation.")
 
 
 @dataclass
@@ -370,8 +376,7 @@ def validate(cfg: RunConfig) -> None:
     require(not cfg.data.shuffle or _prepared_path(cfg.data), "data.shuffle",
             "needs data.path to be a directory written by tools/prepare_data.py (JSON shards and "
             "the Hub are read in stream order)")
-    check_schedule(cfg.train)
-    require(cfg.train.max_skipped_steps > 0, "train.max_skipped_steps", "must be positive")
+    check_train_args(cfg.train)
     require(cfg.train.eval_windows > 0, "train.eval_windows", "must be positive")
     check_checkpoint(cfg.checkpoint)
     require(cfg.collective_timeout_s > 0, "collective_timeout_s", "must be positive (seconds)")
@@ -420,13 +425,14 @@ def check_optim(o: OptimConfig, names: list[str]) -> None:
             "either always trained or never; remove it from one list")
 
 
-def check_schedule(t) -> None:
-    """train.* keys both the pretraining and the fine-tuning config have."""
+def check_train_args(t: TrainArgs) -> None:
+    """The train.* keys pretraining and fine-tuning share."""
     require(t.steps > 0, "train.steps", "must be positive")
     require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
     require(t.eval_every >= 0, "train.eval_every", "must be >= 0")
     require(t.log_every > 0, "train.log_every", "must be positive")
+    require(t.max_skipped_steps > 0, "train.max_skipped_steps", "must be positive")
 
 
 def check_checkpoint(c: CheckpointConfig) -> None:

@@ -35,6 +35,7 @@ from scaletrain.distributed.runtime import (DistContext, all_reduce_max, all_red
 from scaletrain.finetune_config import ZO, FinetuneConfig, help_text, load_finetune_config, to_dict
 from scaletrain.metrics import MetricsWriter, ProgressBar, peak_memory_bytes
 from scaletrain.models.llama import PRESETS, causal_lm_loss, llama_config
+from scaletrain.nonfinite import NonFiniteError, SkippedSteps
 from scaletrain.optim.schedule import warmup_cosine
 from scaletrain.run_dir import agree_on_run_dir, choose_run_dir, setup_logging
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, TaskDataError) as e:  # found after start-up (e.g. a saved mask that does not fit)
         print(f"scaletrain finetune: config error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (ckpt.CheckpointError, DataPathError, CorruptShardError, FileNotFoundError) as e:
+    except (ckpt.CheckpointError, DataPathError, CorruptShardError, FileNotFoundError, NonFiniteError) as e:
         print(f"scaletrain finetune: error: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -306,9 +307,11 @@ def zo_step(spsa, model, task: Task, micro_batches: list[Batch], step: int, auto
 
 # --------------------------------------------------------------------------- first-order step
 
-def first_order_step(engine, task: Task, micro_batches: list[Batch]) -> float:
-    """One optimizer step over the micro-batches: the engine's train_step with the task's loss."""
-    return engine.train_step(micro_batches, loss_fn=lambda module, mb: task_loss(module, mb, task)[0])
+def first_order_step(engine, task: Task, micro_batches: list[Batch], poison: bool = False) -> float:
+    """One optimizer step over the micro-batches: the engine's train_step with the task's loss
+    (poison: the NaN-gradient test hook, NAN_GRAD_ENV)."""
+    return engine.train_step(micro_batches, loss_fn=lambda module, mb: task_loss(module, mb, task)[0],
+                             poison=poison)
 
 
 # --------------------------------------------------------------------------- the run
@@ -356,7 +359,7 @@ def finetune(cfg: FinetuneConfig, run_dir: Path | None, inputs: Inputs | None = 
         module = model
         trainable = zm.trainable
     else:
-        from scaletrain.distributed.engines import build_engine
+        from scaletrain.distributed.engines import build_engine, nan_grad_steps
         from scaletrain.optim import build_optimizer
         from scaletrain.optim.schedule import build_scheduler
 
@@ -383,6 +386,8 @@ def finetune(cfg: FinetuneConfig, run_dir: Path | None, inputs: Inputs | None = 
     forwards, step_times, g_window = 0, [], []
     row: dict = {}
     last_eval = first
+    skipped = SkippedSteps(cfg.train.max_skipped_steps)
+    poison_at = set() if is_zo else nan_grad_steps(ctx.rank)
     for step in range(cfg.train.steps):
         batches = [make_batch(task, [train_ex[i] for i in idx]).to(ctx.device) for idx in loader.next_step()]
         t0 = time.perf_counter()
@@ -401,8 +406,9 @@ def finetune(cfg: FinetuneConfig, run_dir: Path | None, inputs: Inputs | None = 
                     for mb in batches:
                         task_loss(module, mb, task)[0].backward()
                 forwards += len(batches)
-            loss = all_reduce_mean(first_order_step(engine, task, batches), ctx)
-            if hasattr(optimizer, "record_loss"):
+            loss = all_reduce_mean(first_order_step(engine, task, batches, poison=step + 1 in poison_at), ctx)
+            skipped.record(step + 1, engine.step_skipped, loss)  # the engine skipped it on every rank
+            if hasattr(optimizer, "record_loss") and not engine.step_skipped:
                 optimizer.record_loss(loss)
             lr = engine.lr
             forwards += len(batches)
@@ -422,7 +428,7 @@ def finetune(cfg: FinetuneConfig, run_dir: Path | None, inputs: Inputs | None = 
                 row.update(abs_projected_grad=float(np.mean(g_window)), wire_bytes=spsa.wire_bytes_last_step)
                 g_window = []
             else:
-                row.update(grad_norm=engine.grad_norm)
+                row.update(grad_norm=engine.grad_norm, skipped_steps=skipped.total)
                 if hasattr(optimizer, "stats"):
                     s = optimizer.stats()
                     row.update(selected_params=s["selected_params"], wire_bytes=all_reduce_max(s["wire_bytes"], ctx))

@@ -11,8 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaletrain.config import (CheckpointConfig, OptimConfig, build_config, check_checkpoint, check_choices,
-                               check_optim, check_schedule, config_help, doc, load_ds_config, require)
+from scaletrain.config import (CheckpointConfig, OptimConfig, TrainArgs, build_config, check_checkpoint, check_choices,
+                               check_optim, check_train_args, config_help, doc, load_ds_config, require)
 
 ZO = "zo"
 HINTS = {
@@ -60,13 +60,12 @@ class TaskDataConfig:
 
 
 @dataclass
-class FTTrainConfig:
+class FTTrainConfig(TrainArgs):
     steps: int = doc(1000, "Optimizer steps (a ZO step costs 2 x zo.samples forward passes).")
     warmup_steps: int = doc(0, "Linear LR warm-up steps, then cosine decay to min_lr_ratio.")
     min_lr_ratio: float = doc(1.0, "Cosine decays the LR to this fraction (1.0: constant, as MeZO).")
     eval_every: int = doc(0, "Evaluate on the held-out set every N steps (0: at the start and end only).")
     eval_batch_size: int = doc(32, "Held-out examples per forward pass.")
-    log_every: int = doc(10, "Write metrics every N steps.")
 
 
 @dataclass
@@ -144,7 +143,7 @@ def validate(cfg: FinetuneConfig) -> None:
     require(cfg.zo.calib_sequences > 0, "zo.calib_sequences", "must be positive")
     require(0 < cfg.zo.calib_seq_len <= 1024, "zo.calib_seq_len", "must be in 1..1024")
     require(bool(cfg.zo.patterns), "zo.patterns", "must name at least one pattern ('' matches all)")
-    check_schedule(cfg.train)
+    check_train_args(cfg.train)
     require(cfg.train.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
     require(cfg.data.max_len >= 4, "data.max_len", "must be >= 4")
     require(cfg.data.train_examples >= 0, "data.train_examples", "must be >= 0 (0: all)")

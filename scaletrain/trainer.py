@@ -27,17 +27,14 @@ from scaletrain.distributed.runtime import (DistContext, all_reduce_max, all_red
                                      resolve_backend, shutdown)
 from scaletrain.metrics import (MetricsWriter, ProgressBar, peak_flops, peak_memory_bytes, selection_heatmap,
                                 train_flops_per_token)
-from scaletrain.models.llama import compile_layers, build_model, causal_lm_loss, count_params
+from scaletrain.models.llama import build_model, causal_lm_loss, compile_layers, count_params
+from scaletrain.nonfinite import NonFiniteError, SkippedSteps
 from scaletrain.optim import build_optimizer
 from scaletrain.optim.schedule import build_scheduler
 from scaletrain.run_dir import agree_on_run_dir, choose_run_dir, setup_logging
 
 log = logging.getLogger("scaletrain")
 HEATMAP_EVERY_SELECTIONS = 10
-
-
-class NonFiniteError(RuntimeError):
-    """Too many non-finite steps in a row; the message names the step and what to try."""
 
 
 class RankLostError(RuntimeError):
@@ -313,29 +310,6 @@ def _train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None, backend
     if ctx.is_main:
         log.info("done: loss %.4f, eval_loss %.4f (ppl %.2f) -> %s", row.get("loss", float("nan")),
                  row.get("eval_loss", float("nan")), row.get("eval_ppl", float("nan")), run_dir)
-
-
-class SkippedSteps:
-    """Counts non-finite (skipped) steps; too many in a row raise NonFiniteError."""
-
-    def __init__(self, max_in_a_row: int):
-        self.max_in_a_row = max_in_a_row
-        self.total, self.in_a_row = 0, 0
-
-    def record(self, step: int, was_skipped: bool, loss: float) -> None:
-        if not was_skipped:
-            self.in_a_row = 0
-            return
-        self.total += 1
-        self.in_a_row += 1
-        log.warning("step %d skipped: loss %.4g, or a gradient, not finite on some rank; no update, "
-                    "LR schedule held (%d in a row, %d in all)", step, loss, self.in_a_row, self.total)
-        if self.in_a_row >= self.max_in_a_row:
-            raise NonFiniteError(
-                f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient "
-                f"(train.max_skipped_steps {self.max_in_a_row}); stopping. Try a lower --optim.lr "
-                f"(or longer --train.warmup_steps), or --resume an earlier checkpoint "
-                f"(--resume <run_dir>/checkpoints/step_N); the last checkpoint holds finite weights.")
 
 
 def _step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step, step_times, n_params):

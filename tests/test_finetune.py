@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from scaletrain.distributed.engines import NAN_GRAD_ENV
 from tools.local_ranks import free_port
 from tests.launching import PRETRAIN, REPO, read_metrics, write_ds_config
 
@@ -125,7 +126,9 @@ def test_zo_two_deepspeed_ranks_match_one_rank(zo_one_rank, pretrained, tmp_path
 
 
 @pytest.mark.parametrize("name", ["adamw", "block"])
-def test_first_order_modes_fine_tune_in_the_same_trainer(pretrained, tmp_path, name):
+def test_first_order_modes_fine_tune_in_the_same_trainer(pretrained, tmp_path, monkeypatch, name):
+    """...and a NaN gradient at step 3 is skipped and counted, as in pretraining."""
+    monkeypatch.setenv(NAN_GRAD_ENV, "0:3")
     ds = write_ds_config(tmp_path / "ds.json", micro=8, accum=1)
     extra = ["--optim.density", "0.2"] if name == "block" else []
     run_finetune(["--model.path", str(pretrained), "--run_dir", str(tmp_path / "run"), "--deepspeed_config", str(ds),
@@ -134,6 +137,7 @@ def test_first_order_modes_fine_tune_in_the_same_trainer(pretrained, tmp_path, n
     evals = _eval_rows(rows)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert rows[-1]["optim_state_bytes"] > 0 and "grad_norm" in rows[-1]
+    assert [r["skipped_steps"] for r in rows if "skipped_steps" in r][1:4] == [0, 1, 1]  # steps 2, 3, 4
     if name == "block":
         assert 0 < rows[-1]["selected_params"] < rows[-1]["n_params"]
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
