@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from scaletrain.distributed.wire import Wire
 from scaletrain.optim.update_rules import Hyper, build_rule
 
 log = logging.getLogger("scaletrain")
@@ -239,7 +240,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.selection_history: list[list[str]] = []
         self.last_selection_step = -1
         self.last_grad_norm = 0.0
-        self.wire_bytes_last_step = 0
+        self.wire = Wire(self.group)  # every collective below goes through it and is counted
+        self.wire_bytes_last_step = 0  # what step() sent (the selection pass's all-reduce apart)
         self._churn, self._selection_time = 0, 0.0
         self._pending_step = 0
         self.master_weights = False  # bf16 weights + fp32 masters of selected blocks (see above)
@@ -380,7 +382,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             for h in handles:
                 h.remove()
         if self._world() > 1:  # the one collective of a selection (on the device: nccl has no CPU)
-            dist.all_reduce(sq_norms, group=self.group)
+            self.wire.all_reduce(sq_norms)
         norms = dict(zip(self.block_names, sq_norms.sqrt().tolist()))
         bad = [n for n, v in norms.items() if not math.isfinite(v)]  # the same on every rank (reduced)
         if bad and self.chosen:
@@ -442,8 +444,8 @@ class BlockOptimizer(torch.optim.Optimizer):
             numbers = torch.tensor([float(st[k]) for k in sorted(st) if not torch.is_tensor(st[k])],
                                    dtype=torch.float64, device=self.device)
             for key in sorted(k for k in st if torch.is_tensor(st[k])):
-                (dist.send if rank == src else dist.recv)(st[key], peer, group=self.group)
-            (dist.send if rank == src else dist.recv)(numbers, peer, group=self.group)
+                (self.wire.send if rank == src else self.wire.recv)(st[key], peer)
+            (self.wire.send if rank == src else self.wire.recv)(numbers, peer)
             if rank == dst:
                 for key, value in zip(sorted(k for k in st if not torch.is_tensor(st[k])), numbers.tolist()):
                     st[key] = value
@@ -460,8 +462,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         digest = int.from_bytes(hashlib.sha256("\n".join(self.selected).encode()).digest()[:7], "big")
         lo = torch.tensor([digest], dtype=torch.int64, device=self.device)
         hi = lo.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.group)
+        self.wire.all_reduce(lo, op=dist.ReduceOp.MIN)
+        self.wire.all_reduce(hi, op=dist.ReduceOp.MAX)
         if lo.item() != hi.item():
             raise RuntimeError("ranks selected different blocks: selection is not deterministic")
 
@@ -514,28 +516,22 @@ class BlockOptimizer(torch.optim.Optimizer):
             size += nbytes
         return buckets + ([current] if current else [])
 
-    def _reduce_to_owner(self, grads: list[torch.Tensor], owner: int) -> int:
-        """Sum gradients onto their owner, which divides by the world size; returns bytes sent."""
-        world, sent = self._world(), 0
+    def _reduce_to_owner(self, grads: list[torch.Tensor], owner: int) -> None:
+        """Sum gradients onto their owner, which divides by the world size."""
         for bucket in self._buckets(grads):
             flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.reduce(flat, self._global_rank(owner), group=self.group)
+            self.wire.reduce(flat, self._global_rank(owner))
             if self._rank() == owner:
-                flat /= world
+                flat /= self._world()
                 _unflatten_into(flat, bucket)
-            sent += (world - 1) * flat.numel() * flat.element_size() // world
-        return sent
 
-    def _all_reduce(self, grads: list[torch.Tensor]) -> int:
-        """Average gradients on every rank (stages 0 and 1); bytes as a ring all-reduce sends."""
-        world, sent = self._world(), 0
+    def _all_reduce(self, grads: list[torch.Tensor]) -> None:
+        """Average gradients on every rank (stages 0 and 1)."""
         for bucket in self._buckets(grads):
             flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat, group=self.group)
-            flat /= world
+            self.wire.all_reduce(flat)
+            flat /= self._world()
             _unflatten_into(flat, bucket)
-            sent += 2 * (world - 1) * flat.numel() * flat.element_size() // world
-        return sent
 
     def _drop_unowned_grads(self, mine: list[Block]) -> None:
         """Stage 2: once reduced to its owner, a gradient no other rank needs is released."""
@@ -545,22 +541,20 @@ class BlockOptimizer(torch.optim.Optimizer):
                 self.params[b.param].grad = None
                 self._grad32.pop(b.param, None)
 
-    def _broadcast_from_owner(self, weights: list[torch.Tensor], owner: int) -> int:
-        world, sent = self._world(), 0
+    def _broadcast_from_owner(self, weights: list[torch.Tensor], owner: int) -> None:
         for bucket in self._buckets(weights):
             flat = torch.cat([w.reshape(-1) for w in bucket])
-            dist.broadcast(flat, self._global_rank(owner), group=self.group)
+            self.wire.broadcast(flat, self._global_rank(owner))
             if self._rank() != owner:
                 _unflatten_into(flat, bucket)
-            sent += (world - 1) * flat.numel() * flat.element_size() // world
-        return sent
 
     @torch.no_grad()
     def step(self, closure=None):
         """Reduce each selected gradient to its owner, clip by the global norm, update on the
-        owner, broadcast the new values. Bytes are counted per rank as a bandwidth-optimal
-        reduce/broadcast sends them: (W-1)/W of each buffer."""
+        owner, broadcast the new values. wire_bytes_last_step: what this step's collectives sent
+        (scaletrain.distributed.wire says how each is counted)."""
         loss = closure() if closure is not None else None
+        self.wire.take()  # (the selection pass's all-reduce is not this step's)
         group = self.param_groups[0]
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         world, rank = self._world(), self._rank()
@@ -569,19 +563,19 @@ class BlockOptimizer(torch.optim.Optimizer):
         sharded = world > 1 and self.zero_stage > 0 and not self.fsdp
         # first the inactive blocks' sign step (it needs their gradients before stage 2 drops
         # the tensors they share with chosen row chunks); their squares join the clip norm
-        sq_inactive, sent = self._inactive_step(lr * self.inactive_lr_scale, wd, sharded)
+        sq_inactive = self._inactive_step(lr * self.inactive_lr_scale, wd, sharded)
         if self.fsdp and not self.fsdp_rows:
-            self.wire_bytes_last_step = sent + self._fsdp_owner_step(blocks, Hyper(lr, beta1, beta2, eps, wd),
-                                                                     sq_inactive)
+            self._fsdp_owner_step(blocks, Hyper(lr, beta1, beta2, eps, wd), sq_inactive)
+            self.wire_bytes_last_step = self.wire.take()
             return loss
         if self.fsdp:
             pass  # FSDP reduce-scattered (averaged) the selected gradients in backward
         elif world > 1 and self.zero_stage == 2:
             for owner, owned in by_owner.items():
-                sent += self._reduce_to_owner([self._grad(b) for b in owned], owner)
+                self._reduce_to_owner([self._grad(b) for b in owned], owner)
             self._drop_unowned_grads(by_owner[rank])
         elif world > 1:
-            sent += self._all_reduce([self._grad(b) for b in blocks])
+            self._all_reduce([self._grad(b) for b in blocks])
         mine = by_owner[rank] if sharded else blocks
         grads = [self._grad(b) for b in mine]
         # per-block fp32 squares summed in fp64: exact for any grouping of blocks over ranks, so the
@@ -589,7 +583,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         sq = (torch.stack([g.pow(2).sum() for g in grads]).double().sum() if grads
               else torch.zeros((), dtype=torch.float64, device=self.device)).reshape(1) + sq_inactive
         if sharded or (self.fsdp and world > 1):
-            dist.all_reduce(sq, group=self.group)  # the global norm over all selected blocks
+            self.wire.all_reduce(sq)  # the global norm over all selected blocks
         norm = sq.sqrt().float()[0]
         self.last_grad_norm = float(norm)
         if self.max_grad_norm > 0:
@@ -599,8 +593,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._update_blocks(mine, grads, Hyper(lr, beta1, beta2, eps, wd))
         if sharded:
             for owner, owned in by_owner.items():
-                sent += self._broadcast_from_owner([self._weight(b) for b in owned], owner)
-        self.wire_bytes_last_step = sent
+                self._broadcast_from_owner([self._weight(b) for b in owned], owner)
+        self.wire_bytes_last_step = self.wire.take()
         self._grad32 = {}  # consumed (DeepSpeed's engine clears p.grad itself, not through zero_grad)
         return loss
 
@@ -623,10 +617,10 @@ class BlockOptimizer(torch.optim.Optimizer):
             self.rule.update_blocks(blocks, weights, grads, states, hyper)
 
     # ------------------------------------------------------------------ inactive blocks
-    def _inactive_step(self, lr: float, wd: float, sharded: bool) -> tuple[torch.Tensor, int]:
+    def _inactive_step(self, lr: float, wd: float, sharded: bool) -> torch.Tensor:
         """signSGD on every candidate block not chosen now (inactive="sign"): w -= lr * sign(g) of
-        the gradient averaged over all ranks, no state. Returns (this rank's share of the squared
-        gradient norm, wire bytes).
+        the gradient averaged over all ranks, no state. Returns this rank's share of the squared
+        gradient norm.
 
         Sharded stages (1, 2) reduce-scatter the gradients (each rank averages 1/W of them), take
         the signs there and all-gather them at 2 bits a value: about half a DDP all-reduce's
@@ -634,42 +628,40 @@ class BlockOptimizer(torch.optim.Optimizer):
         FSDP2 has already reduce-scattered the rows each rank updates."""
         zero = torch.zeros(1, dtype=torch.float64, device=self.device)
         if self.inactive == "none":
-            return zero, 0
+            return zero
         blocks = [b for b in self._inactive_blocks() if self._grad(b) is not None]
         grads = [self._grad(b) for b in blocks]
-        sent = 0
         if sharded:
-            sq, sent = self._sign_step_sharded(blocks, grads, lr, wd)
+            sq = self._sign_step_sharded(blocks, grads, lr, wd)
             self._drop_inactive_grads()
-            return sq, sent
+            return sq
         if self._world() > 1 and not self.fsdp:
-            sent = self._all_reduce(grads)
+            self._all_reduce(grads)
         sq = sum((g.double().pow(2).sum() for g in grads), zero)
         self._apply_signs([self._weight(b) for b in blocks], torch._foreach_sign(grads), lr, wd)
         self._drop_inactive_grads()
-        return sq, sent
+        return sq
 
-    def _sign_step_sharded(self, blocks, grads, lr: float, wd: float) -> tuple[torch.Tensor, int]:
-        world, rank = self._world(), self._rank()
+    def _sign_step_sharded(self, blocks, grads, lr: float, wd: float) -> torch.Tensor:
+        world = self._world()
         sq = torch.zeros(1, dtype=torch.float64, device=self.device)
-        sent, start = 0, 0
+        start = 0
         for bucket in self._buckets(grads):
             n = sum(g.numel() for g in bucket)
             padded = math.ceil(n / (4 * world)) * 4 * world  # whole bytes of 2-bit codes per rank
             flat = torch.zeros(padded, dtype=torch.float32, device=self.device)
             torch.cat([g.reshape(-1).float() for g in bucket], out=flat[:n])
             shard = torch.empty(padded // world, dtype=torch.float32, device=self.device)
-            dist.reduce_scatter_tensor(shard, flat, group=self.group)
+            self.wire.reduce_scatter_tensor(shard, flat)
             shard /= world
             sq += shard.double().pow(2).sum()
             packed = torch.empty(padded // 4, dtype=torch.uint8, device=self.device)
-            dist.all_gather_into_tensor(packed, pack_signs(shard), group=self.group)
+            self.wire.all_gather_into_tensor(packed, pack_signs(shard))
             signs = unpack_signs(packed)[:n].split([g.numel() for g in bucket])
-            sent += (world - 1) * (flat.numel() * 4 + packed.numel()) // world
             self._apply_signs([self._weight(b) for b in blocks[start:start + len(bucket)]],
                               [s.view_as(g) for s, g in zip(signs, bucket)], lr, wd)
             start += len(bucket)
-        return sq, sent
+        return sq
 
     @staticmethod
     def _apply_signs(weights: list[torch.Tensor], signs: list[torch.Tensor], lr: float, wd: float) -> None:
@@ -744,44 +736,41 @@ class BlockOptimizer(torch.optim.Optimizer):
             "lr": self.param_groups[0]["lr"],
         }
 
-    def _fsdp_owner_step(self, blocks: list[Block], hyper: Hyper, sq_inactive: torch.Tensor) -> int:
+    def _fsdp_owner_step(self, blocks: list[Block], hyper: Hyper, sq_inactive: torch.Tensor) -> None:
         """FSDP2 with projected or 8-bit states: FSDP reduce-scattered the gradient rows; each
         block's rows of gradient and weight are gathered to its owner, which runs the rule on
-        the whole block and scatters the new rows back. Returns bytes sent (counted as sent)."""
-        rank, sent = self._rank(), 0
+        the whole block and scatters the new rows back."""
+        rank = self._rank()
         sq = sum((self._grad(b).double().pow(2).sum() for b in blocks),
                  torch.zeros((), dtype=torch.float64, device=self.device)).reshape(1) + sq_inactive
-        dist.all_reduce(sq, group=self.group)  # the global norm, from the local rows
+        self.wire.all_reduce(sq)  # the global norm, from the local rows
         norm = float(sq.sqrt())
         self.last_grad_norm = norm
         coef = min(1.0, self.max_grad_norm / (norm + 1e-6)) if self.max_grad_norm > 0 else 1.0
         for b in blocks:
             owner = self.owners[b.name]
-            grad, n1 = self._gather_rows(b, self._grad(b), owner)
-            weight, n2 = self._gather_rows(b, self._weight(b), owner)
+            grad = self._gather_rows(b, self._grad(b), owner)
+            weight = self._gather_rows(b, self._weight(b), owner)
             if rank == owner:
                 if coef < 1.0:
                     grad.mul_(coef)
                 if b.name not in self.block_state:
                     self.block_state[b.name] = self.rule.new_state(b, weight)
                 self.rule.update(b, weight, grad, self.block_state[b.name], hyper)
-            sent += n1 + n2 + self._scatter_rows(b, weight, self._weight(b), owner)
-        return sent
+            self._scatter_rows(b, weight, self._weight(b), owner)
 
-    def _gather_rows(self, b: Block, local: torch.Tensor, owner: int) -> tuple[torch.Tensor | None, int]:
+    def _gather_rows(self, b: Block, local: torch.Tensor, owner: int) -> torch.Tensor | None:
         rows = [self._rows_of_rank(b, r) for r in range(self._world())]
         padded = torch.zeros((max(rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
         padded[: local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in rows] if self._rank() == owner else None
-        dist.gather(padded, parts, dst=self._global_rank(owner), group=self.group)
-        sent = 0 if self._rank() == owner else padded.numel() * padded.element_size()
-        full = torch.cat([part[:n] for part, n in zip(parts, rows)]) if parts is not None else None
-        return full, sent
+        self.wire.gather(padded, parts, dst=self._global_rank(owner))
+        return torch.cat([part[:n] for part, n in zip(parts, rows)]) if parts is not None else None
 
-    def _scatter_rows(self, b: Block, full: torch.Tensor | None, local: torch.Tensor, owner: int) -> int:
+    def _scatter_rows(self, b: Block, full: torch.Tensor | None, local: torch.Tensor, owner: int) -> None:
         rows = [self._rows_of_rank(b, r) for r in range(self._world())]
         buf = torch.empty((max(rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
-        chunks, sent = None, 0
+        chunks = None
         if self._rank() == owner:
             chunks, start = [], 0
             for n in rows:
@@ -789,10 +778,8 @@ class BlockOptimizer(torch.optim.Optimizer):
                 chunk[:n] = full[start:start + n]
                 chunks.append(chunk)
                 start += n
-            sent = (len(rows) - 1) * buf.numel() * buf.element_size()
-        dist.scatter(buf, chunks, src=self._global_rank(owner), group=self.group)
+        self.wire.scatter(buf, chunks, src=self._global_rank(owner))
         local.copy_(buf[: local.shape[0]])
-        return sent
 
     def _rows_of_rank(self, b: Block, rank: int) -> int:
         rows = self.params[b.param].shape[0]

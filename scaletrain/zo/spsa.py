@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from scaletrain.distributed.wire import Wire
+
 
 class SPSA:
     def __init__(self, tensors: list[torch.Tensor], *, lr: float, eps: float = 1e-3, samples: int = 1,
@@ -32,6 +34,7 @@ class SPSA:
         self.tensors = list(tensors)
         self.lr, self.eps, self.samples, self.weight_decay = lr, eps, samples, weight_decay
         self.seed, self.group = seed, group
+        self.wire = Wire(group)
         self.wire_bytes_last_step = 0
 
     def seed_for(self, step: int, sample: int) -> int:
@@ -70,10 +73,9 @@ class SPSA:
             self._move(s, self.eps)
             local += [plus, minus]
         buf = torch.tensor(local + [count], dtype=torch.float64, device=self.tensors[0].device)
-        self.wire_bytes_last_step = 0
         if self._world() > 1:  # the one collective of a step
-            dist.all_reduce(buf, group=self.group)
-            self.wire_bytes_last_step = buf.numel() * buf.element_size()
+            self.wire.all_reduce(buf)
+        self.wire_bytes_last_step = self.wire.take()
         sums = buf[:-1].cpu().view(self.samples, 2) / buf[-1].item()
         g = ((sums[:, 0] - sums[:, 1]) / (2 * self.eps)).tolist()
         if self.weight_decay:
