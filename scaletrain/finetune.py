@@ -37,6 +37,7 @@ from scaletrain.metrics import MetricsWriter, ProgressBar, peak_memory_bytes
 from scaletrain.models.llama import PRESETS, causal_lm_loss, llama_config
 from scaletrain.nonfinite import NonFiniteError, SkippedSteps
 from scaletrain.optim.schedule import warmup_cosine
+from scaletrain.optim.selecting import SelectsBlocks
 from scaletrain.run_dir import agree_on_run_dir, choose_run_dir, setup_logging
 
 log = logging.getLogger("scaletrain")
@@ -401,14 +402,14 @@ def finetune(cfg: FinetuneConfig, run_dir: Path | None, inputs: Inputs | None = 
                        loss_minus=float(np.mean(out["loss_minus"])))
             g_window.append(abs(out["projected_grad"]))
         else:
-            if hasattr(optimizer, "selection_pass") and optimizer.wants_selection(step):
+            if isinstance(optimizer, SelectsBlocks) and optimizer.wants_selection(step):
                 with optimizer.selection_pass():
                     for mb in batches:
                         task_loss(module, mb, task)[0].backward()
                 forwards += len(batches)
             loss = all_reduce_mean(first_order_step(engine, task, batches, poison=step + 1 in poison_at), ctx)
             skipped.record(step + 1, engine.step_skipped, loss)  # the engine skipped it on every rank
-            if hasattr(optimizer, "record_loss") and not engine.step_skipped:
+            if isinstance(optimizer, SelectsBlocks) and not engine.step_skipped:
                 optimizer.record_loss(loss)
             lr = engine.lr
             forwards += len(batches)
@@ -429,7 +430,7 @@ def finetune(cfg: FinetuneConfig, run_dir: Path | None, inputs: Inputs | None = 
                 g_window = []
             else:
                 row.update(grad_norm=engine.grad_norm, skipped_steps=skipped.total)
-                if hasattr(optimizer, "stats"):
+                if isinstance(optimizer, SelectsBlocks):
                     s = optimizer.stats()
                     row.update(selected_params=s["selected_params"], wire_bytes=all_reduce_max(s["wire_bytes"], ctx))
             step_times = []

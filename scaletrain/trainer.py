@@ -31,6 +31,7 @@ from scaletrain.models.llama import build_model, causal_lm_loss, compile_layers,
 from scaletrain.nonfinite import NonFiniteError, SkippedSteps
 from scaletrain.optim import build_optimizer
 from scaletrain.optim.schedule import build_scheduler
+from scaletrain.optim.selecting import SelectsBlocks
 from scaletrain.run_dir import agree_on_run_dir, choose_run_dir, setup_logging
 
 log = logging.getLogger("scaletrain")
@@ -86,7 +87,7 @@ def evaluate(module, batches: list[torch.Tensor], ctx: DistContext) -> float:
 
 def optimizer_state_bytes(optimizer) -> int:
     """Exact bytes of optimizer-state tensors held by this rank."""
-    if hasattr(optimizer, "stats"):
+    if isinstance(optimizer, SelectsBlocks):
         return int(optimizer.stats()["optim_state_bytes"])
     inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wraps the client optimizer
     return sum(t.numel() * t.element_size() for s in inner.state.values()
@@ -246,7 +247,7 @@ def _train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None, backend
     optimizer, syncs_grads = build_optimizer(cfg.optim, model, float(ds_config.get("gradient_clipping", 0.0)))
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
     engine = build_engine(backend, model, optimizer, scheduler, ds_config, ctx, syncs_grads)
-    is_block = hasattr(optimizer, "selection_pass")
+    is_block = isinstance(optimizer, SelectsBlocks)
 
     loader = train_loader(cfg.data, tokenizer, micro, accum, ctx.rank, ctx.world_size, ctx.device)
     val_batches = validation_batches(cfg.data, tokenizer, cfg.train.eval_windows, ctx.rank,
@@ -332,7 +333,7 @@ def _step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step, st
     peak = peak_flops(ctx.device)
     if peak:  # model FLOPs utilisation per GPU
         row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * ctx.world_size)
-    if hasattr(optimizer, "stats"):
+    if isinstance(optimizer, SelectsBlocks):
         s = optimizer.stats()
         row.update(always_params=s["always_params"], always_state_bytes=all_reduce_sum([s["always_state_bytes"]], ctx)[0],
                    inactive_params=s["inactive_params"])

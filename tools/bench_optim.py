@@ -33,6 +33,7 @@ from scaletrain.data import TrainWindowLoader, c4_source, load_tokenizer  # noqa
 from scaletrain.distributed.engines import DeepSpeedEngine, SingleEngine  # noqa: E402
 from scaletrain.distributed.runtime import DistContext, all_reduce_max, all_reduce_sum  # noqa: E402
 from scaletrain.metrics import peak_memory_bytes  # noqa: E402
+from scaletrain.optim.selecting import SelectsBlocks  # noqa: E402
 from tools.local_ranks import run_ranks  # noqa: E402
 from scaletrain.models.llama import build_model, count_params  # noqa: E402
 from scaletrain.optim import build_optimizer  # noqa: E402
@@ -84,18 +85,18 @@ def run_mode(mode: str, args) -> dict:
         dist.barrier()
         t0 = time.perf_counter()  # whole steps: loading the batch included
         batches = loader.next_step()
-        selecting = hasattr(optimizer, "wants_selection") and optimizer.wants_selection(step)
+        selecting = isinstance(optimizer, SelectsBlocks) and optimizer.wants_selection(step)
         refits_before = refits(optimizer)
         if selecting:
             selection_pass(engine, optimizer, batches, ctx.device)
         losses.append(engine.train_step(batches))
-        if hasattr(optimizer, "record_loss"):
+        if isinstance(optimizer, SelectsBlocks):
             optimizer.record_loss(losses[-1])
         refitted = refits(optimizer) > refits_before or (mode == "galore_torch" and step % 200 == 0)
         (selection if selecting else svd if refitted else steady).append(time.perf_counter() - t0)
     n_params = count_params(model)
     state = optimizer_state_bytes(engine.optimizer if stage else optimizer)
-    wire = optimizer.stats()["wire_bytes"] if hasattr(optimizer, "stats") else None
+    wire = optimizer.stats()["wire_bytes"] if isinstance(optimizer, SelectsBlocks) else None
     ddp_bytes = 2 * (world - 1) / world * 4 * n_params
     return {
         "n_params": n_params,
