@@ -228,7 +228,7 @@ class FSDPEngine(SingleEngine):
 def check_zero_stage(ds_config: dict, backend: str) -> None:
     """ZeRO-3 partitions the parameters themselves, which neither the block optimizer (whole blocks)
     nor our checkpoints (full weights, name-keyed state) handle under DeepSpeed; FSDP2 is our ZeRO-3."""
-    from scaletrain.config import ConfigError
+    from scaletrain.config_fields import ConfigError
 
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if backend == "deepspeed" and stage not in (0, 1, 2):

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from scaletrain.config import OptimConfig
+from scaletrain.optim.config import OptimConfig
 from scaletrain.optim.galore_torch_baseline import build_galore_torch
 
 

@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from scaletrain.config import OptimConfig
+from scaletrain.optim.config import OptimConfig
 
 STATE_KEY = "galore_torch"  # the top-level key of the saved state: another optimizer's is refused
 
