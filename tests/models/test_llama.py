@@ -39,20 +39,11 @@ def block_default_losses(model, steps: int = 4) -> list[float]:
     """The block optimizer's default mode (sign rest), a selection pass every 2 steps."""
     from scaletrain.config import OptimConfig
     from scaletrain.optim import build_optimizer
+    from tests.optim.test_blockllm import train_block
 
     optimizer, _ = build_optimizer(OptimConfig(name="block", lr=3e-3, density=0.25, reselect_every=2), model)
     batch = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for step in range(steps):
-        if optimizer.wants_selection(step):
-            with optimizer.selection_pass():
-                causal_lm_loss(model, batch).backward()
-        loss = causal_lm_loss(model, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return train_block(optimizer, model, [[batch]] * steps)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from scaletrain.models.llama import causal_lm_loss
 from scaletrain.optim.blockllm import BlockOptimizer, BlockSelector, partition_blocks, reselection_due
+from scaletrain.optim.selecting import SelectsBlocks
 
 VOCAB, MICRO = 128, 2
 
@@ -29,10 +30,12 @@ def global_batches(steps, micro_batches, seed=1):
 
 
 def train_block(opt, model, batches_per_step, first_step=0):
-    """The trainer's step, by hand: selection pass when wanted, accumulate, step, record loss."""
+    """The trainer's step, by hand: selection pass when wanted, accumulate, step, record loss
+    (any optimizer: the selection calls only for one that SelectsBlocks)."""
+    selects = isinstance(opt, SelectsBlocks)
     losses = []
     for step, micro in enumerate(batches_per_step, start=first_step):
-        if opt.wants_selection(step):
+        if selects and opt.wants_selection(step):
             with opt.selection_pass():
                 for mb in micro:
                     causal_lm_loss(model, mb).backward()
@@ -47,7 +50,8 @@ def train_block(opt, model, batches_per_step, first_step=0):
             t = torch.tensor([total], dtype=torch.float64)
             dist.all_reduce(t)
             total = t.item() / dist.get_world_size()
-        opt.record_loss(total)
+        if selects:
+            opt.record_loss(total)
         losses.append(total)
     return losses
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from scaletrain.config import OptimConfig
-from scaletrain.models.llama import build_model, causal_lm_loss
+from scaletrain.models.llama import build_model
 from scaletrain.optim import build_optimizer
+from tests.optim.test_blockllm import train_block
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -20,17 +21,7 @@ def losses_on(device: str, cfg: OptimConfig, steps: int = 4) -> list[float]:
     model = copy.deepcopy(build_model("llama_9m", VOCAB, seed=0)).to(device)
     optimizer, _ = build_optimizer(cfg, model, max_grad_norm=1.0)
     batch = torch.randint(0, VOCAB, (4, 33), generator=torch.Generator().manual_seed(0)).to(device)
-    losses = []
-    for step in range(steps):  # one batch, learnt by heart: the loss must fall
-        if hasattr(optimizer, "selection_pass") and optimizer.wants_selection(step):
-            with optimizer.selection_pass():
-                causal_lm_loss(model, batch).backward()
-        loss = causal_lm_loss(model, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return train_block(optimizer, model, [[batch]] * steps)  # one batch, learnt by heart: the loss must fall
 
 
 @pytest.mark.parametrize("options", [
