@@ -403,7 +403,7 @@ def finetune(cfg: FinetuneConfig, run_dir: Path | None, inputs: Inputs | None = 
             g_window.append(abs(out["projected_grad"]))
         else:
             if isinstance(optimizer, SelectsBlocks) and optimizer.wants_selection(step):
-                with optimizer.selection_pass():
+                with optimizer.selection_pass(step=step):
                     for mb in batches:
                         task_loss(module, mb, task)[0].backward()
                 forwards += len(batches)

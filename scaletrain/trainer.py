@@ -94,9 +94,9 @@ def optimizer_state_bytes(optimizer) -> int:
                for t in s.values() if torch.is_tensor(t))
 
 
-def selection_pass(engine, optimizer, batches: list[torch.Tensor], device) -> None:
+def selection_pass(engine, optimizer, batches: list[torch.Tensor], device, step: int) -> None:
     """One backward with every block trainable, to measure fresh gradient norms for selection."""
-    with optimizer.selection_pass(engine.grad_leaves()):
+    with optimizer.selection_pass(engine.grad_leaves(), step=step):
         for mb in batches:
             causal_lm_loss(engine.module, mb.to(device)).backward()
 
@@ -277,7 +277,7 @@ def _train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None, backend
         batches = loader.next_step()
         data_waits.append(time.perf_counter() - t0)
         if is_block and optimizer.wants_selection(step):
-            selection_pass(engine, optimizer, batches, ctx.device)
+            selection_pass(engine, optimizer, batches, ctx.device, step)
         loss = all_reduce_mean(engine.train_step(batches, poison=step + 1 in poison_at), ctx)
         skipped.record(step + 1, engine.step_skipped, loss)
         if is_block and not engine.step_skipped:

@@ -41,7 +41,7 @@ def one_block_step(opt, model, seed=0):
     after backward (before step)."""
     mb = batch(seed)
     if opt.wants_selection(0):
-        with opt.selection_pass():
+        with opt.selection_pass(step=0):
             causal_lm_loss(model, mb).backward()
     causal_lm_loss(model, mb).backward()
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)

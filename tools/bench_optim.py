@@ -88,7 +88,7 @@ def run_mode(mode: str, args) -> dict:
         selecting = isinstance(optimizer, SelectsBlocks) and optimizer.wants_selection(step)
         refits_before = refits(optimizer)
         if selecting:
-            selection_pass(engine, optimizer, batches, ctx.device)
+            selection_pass(engine, optimizer, batches, ctx.device, step)
         losses.append(engine.train_step(batches))
         if isinstance(optimizer, SelectsBlocks):
             optimizer.record_loss(losses[-1])

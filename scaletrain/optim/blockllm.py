@@ -186,7 +186,7 @@ class BlockOptimizer(torch.optim.Optimizer):
     """AdamW on a globally selected set of blocks; state keyed by block name.
 
     The trainer calls, per step: `wants_selection(step)`; if True, a forward/backward inside
-    `selection_pass()`; the normal forward/backward; `step()` (averages the selected gradients
+    `selection_pass(step=step)`; the normal forward/backward; `step()` (averages the selected gradients
     across ranks, clips, updates); `record_loss(global loss)`."""
 
     state_keyed_by_name = True  # the checkpoint stores our own state_dict
@@ -243,7 +243,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.wire = Wire(self.group)  # every collective below goes through it and is counted
         self.wire_bytes_last_step = 0  # what step() sent (the selection pass's all-reduce apart)
         self._churn, self._selection_time = 0, 0.0
-        self._pending_step = 0
+        self._selecting_at = 0  # the step the running selection pass selects for
         self.master_weights = False  # bf16 weights + fp32 masters of selected blocks (see above)
         self._grad32: dict[str, torch.Tensor] = {}  # fp32 accumulated gradients (master_weights)
         self._accum_hooks: list = []
@@ -284,7 +284,6 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ selection
     def wants_selection(self, step: int) -> bool:
-        self._pending_step = step
         if self.select_all:
             return False
         if not self.chosen:
@@ -339,7 +338,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         return [p.grad for p in self.params.values() if p.grad is not None] + list(self._grad32.values())
 
     @contextlib.contextmanager
-    def selection_pass(self, grad_leaves: dict[str, torch.Tensor] | None = None):
+    def selection_pass(self, grad_leaves: dict[str, torch.Tensor] | None = None, *, step: int):
         """Inside: every candidate parameter requires grad and its gradient is reduced to squared
         block norms as soon as it is accumulated. On exit: one all-reduce, then the new selection.
 
@@ -347,6 +346,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         themselves (FSDP2's unsharded parameters): hooked there, each rank sees its own
         micro-batch's full gradient before any reduction, as on the other backends, and freeing it
         leaves FSDP nothing to reduce-scatter."""
+        self._selecting_at = step
         t0 = time.perf_counter()
         index = {b.name: i for i, b in enumerate(self.blocks)}
         # on the device, read once after the all-reduce: no host sync per parameter and micro-batch
@@ -387,11 +387,11 @@ class BlockOptimizer(torch.optim.Optimizer):
         bad = [n for n, v in norms.items() if not math.isfinite(v)]  # the same on every rank (reduced)
         if bad and self.chosen:
             log.warning("selection at step %d skipped: gradient norm not finite for %d block(s) (e.g. %s); "
-                        "the current selection stays", self._pending_step, len(bad), bad[0])
+                        "the current selection stays", self._selecting_at, len(bad), bad[0])
         else:
             for n in bad:  # the first selection must choose something: a non-finite norm ranks last
                 norms[n] = 0.0
-            self._apply_selection(self.selector.select(norms, self._pending_step))
+            self._apply_selection(self.selector.select(norms, self._selecting_at))
         self._selection_time = time.perf_counter() - t0
 
     def _apply_selection(self, chosen: list[str]) -> None:
@@ -405,7 +405,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._move_state(sorted(keep), old_owners)
         self.chosen, self.selected = list(chosen), names
         self.selection_history.append(list(chosen))
-        self.last_selection_step = self._pending_step
+        self.last_selection_step = self._selecting_at
         self.losses_since_selection = []  # BlockLLM clears the history on every reselection
         self._set_requires_grad()
         self._hook_trained_params()

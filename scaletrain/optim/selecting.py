@@ -11,10 +11,11 @@ import torch
 @runtime_checkable
 class SelectsBlocks(Protocol):
     def wants_selection(self, step: int) -> bool:
-        """Whether a selection pass should run before training step `step` (0-based)."""
+        """Whether a selection pass should run before training step `step` (0-based); a pure query."""
 
-    def selection_pass(self, grad_leaves: dict[str, torch.Tensor] | None = None) -> ContextManager[None]:
-        """Inside: run the backward passes whose gradient norms choose the next selection."""
+    def selection_pass(self, grad_leaves: dict[str, torch.Tensor] | None = None, *,
+                       step: int) -> ContextManager[None]:
+        """Inside: run the backward passes whose gradient norms choose the selection for `step`."""
 
     def record_loss(self, loss: float) -> None:
         """The step's global loss (BlockLLM's patience rule reads it)."""

@@ -81,7 +81,7 @@ def _calls_through_wire() -> dict:
     batch = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(dist.get_rank()))
     for step in range(2):
         if opt.wants_selection(step):
-            with opt.selection_pass():
+            with opt.selection_pass(step=step):
                 causal_lm_loss(model, batch).backward()
         causal_lm_loss(model, batch).backward()
         opt.step()

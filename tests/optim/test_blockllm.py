@@ -36,7 +36,7 @@ def train_block(opt, model, batches_per_step, first_step=0):
     losses = []
     for step, micro in enumerate(batches_per_step, start=first_step):
         if selects and opt.wants_selection(step):
-            with opt.selection_pass():
+            with opt.selection_pass(step=step):
                 for mb in micro:
                     causal_lm_loss(model, mb).backward()
         total = 0.0
@@ -63,7 +63,7 @@ def test_density_one_equals_torch_adamw_bit_for_bit():
     ref = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
     for step, (mb,) in enumerate(global_batches(20, 1)):
         if ours.wants_selection(step):
-            with ours.selection_pass():
+            with ours.selection_pass(step=step):
                 causal_lm_loss(a, mb).backward()
             assert len(ours.selected) == len(list(a.parameters()))
         for model, opt in ((a, ours), (b, ref)):
@@ -80,7 +80,7 @@ def test_frozen_blocks_get_no_gradient_and_never_move():
     opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.1, check_every=10**9)
     for step, (mb,) in enumerate(global_batches(5, 1)):
         if opt.wants_selection(step):
-            with opt.selection_pass():
+            with opt.selection_pass(step=step):
                 causal_lm_loss(model, mb).backward()
         causal_lm_loss(model, mb).backward()
         selected_params = {opt.block_by_name[n].param for n in opt.selected}
@@ -181,7 +181,7 @@ def test_state_dict_round_trip_weights_only_continues_bit_identically():
 
 def train_block_at(opt, model, micro, step):
     if opt.wants_selection(step):
-        with opt.selection_pass():
+        with opt.selection_pass(step=step):
             for mb in micro:
                 causal_lm_loss(model, mb).backward()
     loss = causal_lm_loss(model, micro[0])
@@ -288,11 +288,11 @@ def test_selection_with_a_non_finite_gradient_norm_keeps_the_current_selection(c
                          always_train=(), reselect_every=1)
     batch = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     assert opt.wants_selection(0)
-    with opt.selection_pass():
+    with opt.selection_pass(step=0):
         causal_lm_loss(model, batch).backward()
     before = list(opt.chosen)
     assert opt.wants_selection(1)
-    with opt.selection_pass():
+    with opt.selection_pass(step=1):
         loss = causal_lm_loss(model, batch)
         (loss * torch.tensor(float("nan"))).backward()
     assert opt.chosen == before

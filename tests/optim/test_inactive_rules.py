@@ -48,7 +48,7 @@ def test_inactive_blocks_take_exactly_one_sign_step_and_chosen_ones_adam():
     model, probe = tiny_llama(), tiny_llama()
     opt = BlockOptimizer(model.named_parameters(), lr=1e-2, weight_decay=0.1, **FRUGAL)
     (mb,) = global_batches(1, 1)[0]
-    with opt.selection_pass():
+    with opt.selection_pass(step=0):
         causal_lm_loss(model, mb).backward()
     causal_lm_loss(probe, mb).backward()  # the same gradient, on an untouched copy
     grads = {n: p.grad for n, p in probe.named_parameters()}
