@@ -33,6 +33,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -423,7 +424,9 @@ class SavedState:
             key = k if k in self.meta else f"{k}:float"
             flat[key] = self.empty(key) if v is None else v
         if flat:
-            dcp.load(flat, storage_reader=FileSystemReader(str(self.dir)), no_dist=True)
+            with warnings.catch_warnings():  # no_dist is meant: say nothing about it
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(flat, storage_reader=FileSystemReader(str(self.dir)), no_dist=True)
         return _tensors_as_numbers(flat)
 
     def read_prefix(self, prefix: str) -> dict:
@@ -452,19 +455,30 @@ def load_rng_state(path: Path, rank: int) -> bool:
 
 # --------------------------------------------------------------------------- state by name
 
+def _resharded(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 leaves the root module's parameters unsharded after a no-grad forward (evaluation):
+    reshard them so that the parameters are the sharded DTensors the optimizer knows."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model
+
+
 def model_shard(model: torch.nn.Module) -> dict:
     """This rank's weights for DCP: the parameters themselves (replicated: DCP writes each once)
     or, under FSDP2, this rank's DTensor shards."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return {f"model/{k}": v for k, v in get_model_state_dict(model).items()}
+    return {f"model/{k}": v for k, v in get_model_state_dict(_resharded(model)).items()}
 
 
 def restore_model(model: torch.nn.Module, saved: SavedState) -> None:
     """Read the weights this rank holds (its shards under FSDP2) straight into the model."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    current = get_model_state_dict(model)
+    current = get_model_state_dict(_resharded(model))
     got = saved.read({f"model/{k}": v for k, v in current.items()})
     set_model_state_dict(model, {k: got[f"model/{k}"] for k in current})
 
@@ -504,7 +518,7 @@ def optimizer_shard(optimizer, model: torch.nn.Module) -> tuple[dict, dict]:
         return _flatten("optim/", optimizer.state_dict()), {"kind": "named"}
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    full = get_optimizer_state_dict(model, optimizer)
+    full = get_optimizer_state_dict(_resharded(model), optimizer)
     return _flatten("optim/state/", full["state"]), {"kind": "torch", "param_groups": full["param_groups"]}
 
 
@@ -540,7 +554,7 @@ def restore_optimizer(optimizer, model: torch.nn.Module, saved: SavedState, meta
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     _check_kind(meta, "torch", name)
-    current = get_optimizer_state_dict(model, optimizer)["state"]  # torch builds its lazy state here
+    current = get_optimizer_state_dict(_resharded(model), optimizer)["state"]  # torch builds its lazy state here
     got = _unflatten(saved.read(_flatten("optim/state/", current)))["optim"]["state"]
     if set(got) != set(current):
         raise CheckpointError("checkpoint optimizer parameters do not match the model")
