@@ -759,14 +759,18 @@ class BlockOptimizer(torch.optim.Optimizer):
         blocks this rank holds at the current world size and backend, reading only those (their
         rows only, where FSDP2 row pieces were saved)."""
         self._load_selection(meta)
-        self._install_blocks({n: self._read_block(n, saved, f"{prefix}blocks/{n}/") for n in self.owned()
-                              if any(k.startswith(f"{prefix}blocks/{n}/") for k in saved.keys)})
+        by_block: dict[str, list[str]] = {}  # block name -> its saved keys (`<key>` or `<key>@<rows>`)
+        for k in saved.keys:
+            if k.startswith(f"{prefix}blocks/"):
+                name, key = k[len(prefix) + 7:].rsplit("/", 1)
+                by_block.setdefault(name, []).append(key)
+        self._install_blocks({n: self._read_block(n, saved, f"{prefix}blocks/{n}/", by_block[n])
+                              for n in self.owned() if n in by_block})
 
-    def _read_block(self, name: str, saved, prefix: str) -> dict:
+    def _read_block(self, name: str, saved, prefix: str, keys: list[str]) -> dict:
         b = self.block_by_name[name]
         a, z = b.rows or (0, self.params[b.param].shape[0])
         lo, hi = self._local_rows(b)[:2] if self.fsdp_rows else (a, z)
-        keys = [k[len(prefix):] for k in saved.keys if k.startswith(prefix)]
         pieces = {}  # state key -> [(first, end, saved key)] of the saved row pieces we need
         for k in keys:
             if "@" in k:
