@@ -21,7 +21,9 @@ then replaces `latest`. A crash before the rename leaves only a `.tmp-*` directo
 ignores; a crash after it leaves a complete checkpoint. On resume every candidate is verified
 against its manifest (each rank hashes a share of the files); a bad one is named in the log and
 the previous complete one is used. At load each rank reads only the tensors it needs (DCP
-reshards to the new world size and backend); no collective is needed.
+reshards to the new world size and backend); no collective is needed. The exception is dense
+AdamW under DeepSpeed ZeRO-1/2: its flat fragments do not map onto DCP's row chunks, so each
+rank reads every parameter's whole state, one parameter at a time, and keeps its fragment.
 """
 from __future__ import annotations
 
@@ -528,16 +530,23 @@ def _check_kind(meta: dict, want: str, optimizer_name: str) -> None:
                               f"{optimizer_name} needs {want!r}: resume with the same optim.name")
 
 
-def full_optimizer_state(model: torch.nn.Module, saved: SavedState, meta: dict,
-                         optimizer_name: str = "AdamW") -> dict:
-    """The whole name-keyed state of a dense optimizer, read on this rank (DeepSpeed ZeRO-1/2
-    then keeps its own fragments), checked against the model."""
+def dense_optimizer_states(model: torch.nn.Module, saved: SavedState, meta: dict,
+                           optimizer_name: str = "AdamW"):
+    """(parameter name, its whole saved state) for each parameter of a dense optimizer, read one
+    parameter at a time (DeepSpeed ZeRO-1/2 keeps its own fragment of each, so a rank never holds
+    more than one parameter's state extra); checked against the model first."""
     _check_kind(meta, "torch", optimizer_name)
-    state = _unflatten(saved.read_prefix("optim/state/"))
-    if set(state) != {n for n, _ in model.named_parameters()}:
+    keys: dict[str, list[str]] = {}
+    for k in saved.keys:
+        if k.startswith("optim/state/"):
+            name, key = k[len("optim/state/"):].rsplit("/", 1)
+            keys.setdefault(name, []).append(key)
+    if keys and set(keys) != {n for n, _ in model.named_parameters()}:
         raise CheckpointError("checkpoint optimizer parameters do not match the model "
                               "(a different model.preset?)")
-    return {"state": state, "param_groups": meta["param_groups"]}
+    for name in keys:
+        got = saved.read({f"optim/state/{name}/{k}": None for k in keys[name]})
+        yield name, {k.rsplit("/", 1)[1]: v for k, v in got.items()}
 
 
 def restore_optimizer(optimizer, model: torch.nn.Module, saved: SavedState, meta: dict) -> None:

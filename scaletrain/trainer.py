@@ -140,7 +140,7 @@ def resume(path: Path | None, ctx, engine, optimizer, scheduler, loader) -> int:
     saved = ckpt.SavedState(path)
     ckpt.restore_model(engine.module, saved)
     if engine.zero_partitions_state:  # DeepSpeed ZeRO-1/2 AdamW: each rank sets its fragments
-        engine.load_full_optimizer_state(ckpt.full_optimizer_state(engine.module, saved, state["optim"]))
+        engine.load_optimizer_states(ckpt.dense_optimizer_states(engine.module, saved, state["optim"]))
     else:
         ckpt.restore_optimizer(optimizer, engine.module, saved, state["optim"])
     restore_schedule(scheduler, optimizer, state["scheduler"])

@@ -358,26 +358,32 @@ class DeepSpeedEngine:
         group = {k: v for k, v in zero.param_groups[0].items() if k != "params"}
         return flat, {"kind": "torch", "param_groups": [{**group, "params": [n for n, _ in named]}]}
 
-    def load_full_optimizer_state(self, full: dict) -> None:
-        """Inverse of optimizer_shard, at this run's world size: ZeRO's fp32 master copy is
-        refreshed from the (already restored) model weights and each rank writes its own
-        fragment of every state tensor; no communication. (`full` is the whole state, read by
-        each rank: ZeRO's flat fragments do not map onto DCP's row chunks.)"""
+    def load_optimizer_states(self, states) -> None:
+        """Inverse of optimizer_shard, at this run's world size, from (parameter name, whole
+        state) pairs read one at a time: ZeRO's fp32 master copy is refreshed from the (already
+        restored) model weights and each rank writes its own fragment of every state tensor; no
+        communication. (Each rank reads every parameter's whole state, one at a time: ZeRO's flat
+        fragments do not map onto DCP's row chunks.)"""
         from deepspeed.utils import safe_set_full_optimizer_state
 
         zero = self.engine.optimizer
         zero.refresh_fp32_params()  # the master copy follows the restored weights
-        if not full["state"]:
-            return
-        step = next(iter(full["state"].values()))["step"]
-        for flat in zero.single_partition_of_fp32_groups:  # torch builds state lazily: build it now
+        params = dict(self.module.named_parameters())
+        built = False
+        for name, st in states:
+            if not built:  # torch builds its state lazily: build it now, once
+                self._build_zero_state(st["step"])
+                built = True
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(params[name], st[key].to(self.device).reshape(-1), key)
+
+    def _build_zero_state(self, step: torch.Tensor) -> None:
+        zero = self.engine.optimizer
+        for flat in zero.single_partition_of_fp32_groups:
             zero.optimizer.state[flat] = {"step": step.detach().clone().to(torch.float32),
                                           "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()  # point each parameter at its fragments
-        for name, p in self.module.named_parameters():
-            for key in ("exp_avg", "exp_avg_sq"):
-                safe_set_full_optimizer_state(p, full["state"][name][key].to(self.device).reshape(-1), key)
 
 
 def _balanced_share(sizes: list[int], world: int) -> list[int]:
