@@ -190,8 +190,10 @@ def save_checkpoint(root: Path, step: int, *, rank: int, world_size: int, sharde
     if extra_shard is not None:
         _torch_save(extra_shard, tmp / optim_file)
     _torch_save(rng if rng is not None else rng_state(), tmp / rng_file)
-    dcp.save(_numbers_as_tensors(sharded), storage_writer=_Writer(tmp / DCP_DIR), process_group=group,
-             no_dist=world_size == 1)
+    with warnings.catch_warnings():  # one process: no_dist is meant, say nothing about it
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        dcp.save(_numbers_as_tensors(sharded), storage_writer=_Writer(tmp / DCP_DIR), process_group=group,
+                 no_dist=world_size == 1)
     written = _files_written(tmp, rank)
     if rank == 0:
         _torch_save(trainer_state, tmp / "trainer.pt")
