@@ -3,20 +3,27 @@
 Layout (`<run_dir>/checkpoints/`):
 
     step_00000100/
-        model.safetensors        full weights (rank 0; every rank holds them at ZeRO stage <= 2)
-        optim_rank00000.pt       this rank's optimizer shard: tensors and plain numbers, keyed by
-                                 parameter name (never by position, never pickled objects)
+        dcp/                     torch.distributed.checkpoint (DCP): every rank writes its own
+            __<rank>_0.distcp    part of the weights ("model/<name>") and optimizer state
+            .metadata            ("optim/..."); replicated tensors (weights at ZeRO <= 2) are
+                                 written once (DCP's dedup spreads them over the ranks), FSDP2
+                                 DTensors and block-optimizer state (by its owner) sharded
         rng_rank00000.pt         torch / numpy / python RNG states of that rank
-        trainer.pt               step, LR-schedule state, data-loader position (global)
+        trainer.pt               step, LR-schedule state, data-loader position, optimizer
+                                 metadata (kind, param groups, block selection): global, small
         config.yaml, ds_config.json
         manifest.json            written last inside the directory: sha256 and size of every file
     latest                       name of the newest committed checkpoint, replaced atomically
 
-A save writes into `.tmp-step_...`, every rank reports its files' checksums to rank 0, rank 0
-writes the manifest, renames the directory into place (atomic on POSIX), then replaces
-`latest`. A crash before the rename leaves only a `.tmp-*` directory, which resume ignores; a
-crash after it leaves a complete checkpoint. On resume every candidate is verified against its
-manifest; a bad one is named in the log and the previous complete one is used.
+A save writes into `.tmp-step_...`; each rank hashes the files it wrote and sends that short
+list to rank 0, which writes the manifest, renames the directory into place (atomic on POSIX),
+then replaces `latest`. A crash before the rename leaves only a `.tmp-*` directory, which resume
+ignores; a crash after it leaves a complete checkpoint. On resume every candidate is verified
+against its manifest (each rank hashes a share of the files); a bad one is named in the log and
+the previous complete one is used. At load each rank reads only the tensors it needs (DCP
+reshards to the new world size and backend); no collective is needed. The exception is dense
+AdamW under DeepSpeed ZeRO-1/2: its flat fragments do not map onto DCP's row chunks, so each
+rank reads every parameter's whole state, one parameter at a time, and keeps its fragment.
 """
 from __future__ import annotations
 
@@ -28,17 +35,21 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 log = logging.getLogger("scaletrain")
 
-FORMAT_VERSION = 1
+# 2: sharded (torch.distributed.checkpoint); 1: model.safetensors + optim_rank*.pt (gathered)
+FORMAT_VERSION = 2
+DCP_DIR = "dcp"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Fault-injection hook for tests: "STEP:SECONDS" holds the save of STEP open between writing
 # its files and committing them, so a test can kill the run mid-save.
@@ -47,6 +58,10 @@ PAUSE_BEFORE_COMMIT_ENV = "SCALETRAIN_TEST_PAUSE_BEFORE_COMMIT"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names it and what is wrong."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint written in another format: never skipped silently for an older one."""
 
 
 def _sha256(path: Path) -> str:
@@ -127,59 +142,96 @@ def _barrier(world: int, group=None) -> None:
         dist.barrier(group=group)
 
 
-def save_checkpoint(root: Path, step: int, *, rank: int, world_size: int, model_state: dict,
-                    optim_shard: dict, trainer_state: dict, config_text: str, ds_config: dict,
-                    keep_latest: int, rng: dict | None = None, group=None) -> Path:
-    """Collective over `group` (default: all ranks): every rank calls it. Returns the committed
-    directory. `rng` is the RNG state to store (default: the current one)."""
+class _Writer(FileSystemWriter):
+    """DCP's file writer without the random save id in `.metadata`: the same state gives the same
+    bytes (a blocking and a background save of one step have equal checksums)."""
+
+    def storage_meta(self):
+        return None
+
+
+def _numbers_as_tensors(flat: dict) -> dict:
+    """Python numbers become 0-d float64 tensors under `<key>:float`, so every value in the shard
+    files is a tensor (nothing pickled there; DCP's own `.metadata` is its format)."""
+    return {(f"{k}:float" if not torch.is_tensor(v) else k): (v if torch.is_tensor(v) else
+                                                              torch.tensor(float(v), dtype=torch.float64))
+            for k, v in flat.items()}
+
+
+def _tensors_as_numbers(flat: dict) -> dict:
+    return {(k[:-6] if k.endswith(":float") else k): (float(v) if k.endswith(":float") else v)
+            for k, v in flat.items()}
+
+
+def _files_written(tmp: Path, rank: int) -> list[str]:
+    """This rank's files: its DCP data files (`__<rank>_*`, DCP's naming), RNG, optimizer extra."""
+    names = [str(f.relative_to(tmp)) for f in sorted((tmp / DCP_DIR).glob(f"__{rank}_*.distcp"))]
+    names += [f for f in _rank_files(rank) if (tmp / f).is_file()]
+    return names
+
+
+def save_checkpoint(root: Path, step: int, *, rank: int, world_size: int, sharded: dict,
+                    trainer_state: dict, config_text: str, ds_config: dict, keep_latest: int,
+                    rng: dict | None = None, extra_shard: dict | None = None, group=None) -> Path:
+    """Collective over `group` (default: all ranks): every rank calls it with its own `sharded`
+    state (flat keys -> tensors or DTensors; see the module docstring), written through DCP.
+    `extra_shard`: a small per-rank object for `optim_rank<r>.pt` (fine-tuning's ZO mask).
+    Returns the committed directory. `rng` is the RNG state to store (default: the current one)."""
     t0 = time.perf_counter()
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
-        tmp.mkdir()
+        (tmp / DCP_DIR).mkdir(parents=True)
     _barrier(world_size, group)
 
-    written = []
     optim_file, rng_file = _rank_files(rank)
-    _torch_save(optim_shard, tmp / optim_file)
+    if extra_shard is not None:
+        _torch_save(extra_shard, tmp / optim_file)
     _torch_save(rng if rng is not None else rng_state(), tmp / rng_file)
-    written += [optim_file, rng_file]
+    with warnings.catch_warnings():  # one process: no_dist is meant, say nothing about it
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        dcp.save(_numbers_as_tensors(sharded), storage_writer=_Writer(tmp / DCP_DIR), process_group=group,
+                 no_dist=world_size == 1)
+    written = _files_written(tmp, rank)
     if rank == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _torch_save(trainer_state, tmp / "trainer.pt")
         (tmp / "config.yaml").write_text(config_text)
         (tmp / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        written += ["model.safetensors", "trainer.pt", "config.yaml", "ds_config.json"]
+        written += [f"{DCP_DIR}/.metadata", "trainer.pt", "config.yaml", "ds_config.json"]
     sums = {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in written}
     gathered = _gather_to_main(sums, rank, world_size, group)
-
     if rank == 0:
-        files = {k: v for part in gathered for k, v in part.items()}
-        pause_step, _, pause = os.environ.get(PAUSE_BEFORE_COMMIT_ENV, "-1:0").partition(":")
-        pause = float(pause) if int(pause_step) == step else 0.0
-        if pause:
-            log.info("test hook: pausing %.1fs before committing %s", pause, name)
-            time.sleep(pause)
-        manifest = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "files": files}
-        _write_atomic_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
-        if final.exists():  # a re-save of the same step: keep the old one until the new is in place
-            old = root / f".old-{name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_atomic_text(root / "latest", name + "\n")
-        _prune(root, keep_latest)
-        size = sum(v["bytes"] for v in files.values())
+        _commit(root, tmp, final, step, world_size, {k: v for part in gathered for k, v in part.items()},
+                keep_latest)
+        size = sum(v["bytes"] for part in gathered for v in part.values())
         log.info("checkpoint %s: %.1f MiB in %.2fs", final, size / 2**20, time.perf_counter() - t0)
     _barrier(world_size, group)
     return final
+
+
+def _commit(root: Path, tmp: Path, final: Path, step: int, world_size: int, files: dict,
+            keep_latest: int) -> None:
+    """Rank 0: manifest last inside the directory, then the atomic rename and `latest`."""
+    pause_step, _, pause = os.environ.get(PAUSE_BEFORE_COMMIT_ENV, "-1:0").partition(":")
+    pause = float(pause) if int(pause_step) == step else 0.0
+    if pause:
+        log.info("test hook: pausing %.1fs before committing %s", pause, final.name)
+        time.sleep(pause)
+    manifest = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "files": files}
+    _write_atomic_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+    if final.exists():  # a re-save of the same step: keep the old one until the new is in place
+        old = root / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    _write_atomic_text(root / "latest", final.name + "\n")
+    _prune(root, keep_latest)
 
 
 def _snapshot(obj: Any) -> Any:
@@ -194,10 +246,11 @@ def _snapshot(obj: Any) -> Any:
 
 
 class AsyncCheckpointer:
-    """`checkpoint.async_save`: copy the state on the training thread (the only stall), then
-    write and commit it on a background thread while training goes on. The commit's collectives
-    run on a process group of their own, so they never interleave with training's. One save at
-    a time: the next one (and the end of training) first waits for the previous."""
+    """`checkpoint.async_save`: copy this rank's part of the state on the training thread (the
+    only stall), then write and commit it on a background thread while training goes on. The
+    save's collectives (DCP's plan exchange, the checksum gather) run on a process group of their
+    own, so they never interleave with training's. One save at a time: the next one (and the
+    end of training) first waits for the previous."""
 
     def __init__(self, world_size: int, timeout_s: float | None = None):
         import threading
@@ -212,8 +265,8 @@ class AsyncCheckpointer:
     def save(self, root: Path, step: int, **kwargs) -> None:
         self.wait()
         t0 = time.perf_counter()
-        for key in ("model_state", "optim_shard", "trainer_state"):
-            kwargs[key] = _snapshot(kwargs[key])
+        for key in ("sharded", "trainer_state", "extra_shard"):
+            kwargs[key] = _snapshot(kwargs.get(key))
         kwargs["rng"] = rng_state()
         log.info("checkpoint step %d: state copied in %.2fs, writing in the background",
                  step, time.perf_counter() - t0)
@@ -251,8 +304,7 @@ def _prune(root: Path, keep: int) -> None:
 
 # --------------------------------------------------------------------------- find and verify
 
-def verify(path: Path) -> dict:
-    """The manifest of a complete, intact checkpoint; CheckpointError naming the fault otherwise."""
+def _read_manifest(path: Path) -> dict:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise CheckpointError(f"{path}: incomplete (no manifest.json)")
@@ -260,16 +312,45 @@ def verify(path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}/manifest.json: corrupt ({e})") from None
-    for name, meta in manifest["files"].items():
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{path}: checkpoint format {manifest.get('format')}, this scaletrain reads format "
+            f"{FORMAT_VERSION} (sharded, torch.distributed.checkpoint). Resume or export it with the "
+            f"scaletrain it was written by (format 1: before commit 'DCP checkpoints', e.g. "
+            f"git checkout 3415d4d), or start afresh with --resume none")
+    return manifest
+
+
+def verify(path: Path, rank: int = 0, world_size: int = 1) -> dict:
+    """The manifest of a complete, intact checkpoint; CheckpointError naming the fault otherwise.
+    With world_size > 1 this rank hashes only every world_size-th file (its share)."""
+    manifest = _read_manifest(path)
+    for i, (name, meta) in enumerate(sorted(manifest["files"].items())):
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing")
         if f.stat().st_size != meta["bytes"]:
             raise CheckpointError(f"{f}: truncated or altered ({f.stat().st_size} bytes, "
                                   f"manifest says {meta['bytes']})")
-        if _sha256(f) != meta["sha256"]:
+        if i % world_size == rank and _sha256(f) != meta["sha256"]:
             raise CheckpointError(f"{f}: checksum mismatch (corrupt)")
     return manifest
+
+
+def _verify_together(path: Path, rank: int, world_size: int) -> None:
+    """Collective verify: each rank hashes its share; any rank's fault is raised on all."""
+    try:
+        verify(path, rank, world_size)
+        error = None
+    except CheckpointError as e:
+        error = (isinstance(e, CheckpointFormatError), str(e))
+    errors = [error]
+    if world_size > 1:
+        errors = [None] * world_size
+        dist.all_gather_object(errors, error)
+    for fault in errors:
+        if fault is not None:
+            raise (CheckpointFormatError if fault[0] else CheckpointError)(fault[1])
 
 
 def _candidates(root: Path) -> list[Path]:
@@ -282,23 +363,36 @@ def _candidates(root: Path) -> list[Path]:
     return steps
 
 
-def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
-    """'none' -> None; 'auto' -> newest intact checkpoint under run_dir (or None); else that path."""
+def _agreed(value: Any, rank: int, world_size: int) -> Any:
+    """Rank 0's value on every rank (all ranks must look at the same candidates)."""
+    if world_size == 1:
+        return value
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def find_checkpoint(resume: str, run_dir: Path, rank: int = 0, world_size: int = 1) -> Path | None:
+    """'none' -> None; 'auto' -> newest intact checkpoint under run_dir (or None); else that path.
+    Collective when world_size > 1: the ranks share the hashing."""
     if resume == "none":
         return None
     if resume != "auto":
         path = Path(resume)
         if path.is_dir() and not (path / "manifest.json").exists() and (path / "latest").is_file():
             path = path / (path / "latest").read_text().strip()  # a checkpoints/ root was given
-        verify(path)
+        _verify_together(path, rank, world_size)
         return path
     root = run_dir / "checkpoints"
-    if not root.is_dir():
+    candidates = _agreed(_candidates(root) if root.is_dir() else None, rank, world_size)
+    if candidates is None:
         return None
-    for path in _candidates(root):
+    for path in candidates:
         try:
-            verify(path)
+            _verify_together(path, rank, world_size)
             return path
+        except CheckpointFormatError:
+            raise
         except CheckpointError as e:
             log.warning("skipping checkpoint: %s", e)
     raise CheckpointError(f"--resume auto: no intact checkpoint under {root}; "
@@ -307,20 +401,51 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
 
 # --------------------------------------------------------------------------- load
 
+class SavedState:
+    """The DCP part of a checkpoint: what was saved (read once from `.metadata`) and a reader
+    for any subset of it, into this process only (no collective: each rank reads what it needs;
+    tensors land on the CPU unless a target on another device is given)."""
+
+    def __init__(self, path: Path):
+        self.dir = path / DCP_DIR
+        self.meta = FileSystemReader(str(self.dir)).read_metadata().state_dict_metadata
+        self.keys = {k[:-6] if k.endswith(":float") else k for k in self.meta}
+
+    def empty(self, key: str) -> Any:
+        """A CPU tensor of the saved size and dtype to read `key` into."""
+        md = self.meta[key]
+        return torch.empty(tuple(md.size), dtype=md.properties.dtype)
+
+    def read(self, targets: dict) -> dict:
+        """Fill `targets` (key -> tensor/DTensor of the saved shape, or None for a fresh CPU
+        tensor) from the checkpoint; returns them with numbers restored."""
+        missing = [k for k in targets if k not in self.keys]
+        if missing:
+            raise CheckpointError(f"{self.dir.parent}: no saved {missing[0]!r} ({len(missing)} "
+                                  f"missing; saved with another optimizer or model?)")
+        flat = {}
+        for k, v in targets.items():
+            key = k if k in self.meta else f"{k}:float"
+            flat[key] = self.empty(key) if v is None else v
+        if flat:
+            with warnings.catch_warnings():  # no_dist is meant: say nothing about it
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(flat, storage_reader=FileSystemReader(str(self.dir)), no_dist=True)
+        return _tensors_as_numbers(flat)
+
+    def read_prefix(self, prefix: str) -> dict:
+        """Everything saved under `prefix`, keys without it (whole tensors, on the CPU)."""
+        got = self.read({k: None for k in sorted(self.keys) if k.startswith(prefix)})
+        return {k[len(prefix):]: v for k, v in got.items()}
+
+
 def load_model_state(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    """The full weights, read offline on the CPU (export, fine-tuning's starting point)."""
+    return SavedState(path).read_prefix("model/")
 
 
 def load_trainer_state(path: Path) -> dict:
     return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-
-
-def load_optim_shards(path: Path) -> list[dict]:
-    """Every rank's saved optimizer shard, in rank order (a new world size reads them all), on
-    the CPU whatever device saved it; each optimizer moves what it keeps to its own device."""
-    manifest = json.loads((path / "manifest.json").read_text())
-    return [torch.load(path / _rank_files(r)[0], map_location="cpu", weights_only=True)
-            for r in range(manifest["world_size"])]
 
 
 def load_rng_state(path: Path, rank: int) -> bool:
@@ -334,67 +459,114 @@ def load_rng_state(path: Path, rank: int) -> bool:
 
 # --------------------------------------------------------------------------- state by name
 
-def _is_sharded(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2 DTensors
+def _resharded(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 leaves the root module's parameters unsharded after a no-grad forward (evaluation):
+    reshard them so that the parameters are the sharded DTensors the optimizer knows."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model
 
 
-def model_state(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
-    """Full weights on rank 0 (a collective gather when the model is sharded), {} elsewhere."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def model_shard(model: torch.nn.Module) -> dict:
+    """This rank's weights for DCP: the parameters themselves (replicated: DCP writes each once)
+    or, under FSDP2, this rank's DTensor shards."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return full if rank == 0 else {}
-
-
-def restore_model(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=_is_sharded(model)))
+    return {f"model/{k}": v for k, v in get_model_state_dict(_resharded(model)).items()}
 
 
-def optimizer_shard(optimizer, model: torch.nn.Module, rank: int) -> dict:
-    """This rank's optimizer state keyed by parameter name.
+def restore_model(model: torch.nn.Module, saved: SavedState) -> None:
+    """Read the weights this rank holds (its shards under FSDP2) straight into the model."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    Optimizers that key their state by name themselves (the block optimizer) give their own
-    `state_dict()`. A dense torch optimizer's state comes from torch.distributed.checkpoint's
-    state-dict API, keyed by parameter name and gathered in full (FSDP shards included); it is
-    the same on every rank, so rank 0 writes it once."""
+    current = get_model_state_dict(_resharded(model))
+    got = saved.read({f"model/{k}": v for k, v in current.items()})
+    set_model_state_dict(model, {k: got[f"model/{k}"] for k in current})
+
+
+def _flatten(prefix: str, tree: dict) -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(f"{prefix}{k}/", v))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for key, v in flat.items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def optimizer_shard(optimizer, model: torch.nn.Module) -> tuple[dict, dict]:
+    """(this rank's optimizer tensors for DCP under "optim/", global metadata for trainer.pt).
+
+    The block optimizer gives the blocks it owns (`checkpoint_blocks`); other name-keyed
+    optimizers (galore_torch) hold replicated state, which DCP writes once. A dense torch
+    optimizer's state comes from torch.distributed.checkpoint's state-dict API, keyed by
+    parameter name: replicated, or DTensor shards under FSDP2."""
+    if hasattr(optimizer, "checkpoint_blocks"):
+        return ({f"optim/{k}": v for k, v in optimizer.checkpoint_blocks().items()},
+                {"kind": "named", **optimizer.checkpoint_meta()})
     if getattr(optimizer, "state_keyed_by_name", False):
-        return {"kind": "named", "state": optimizer.state_dict()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return _flatten("optim/", optimizer.state_dict()), {"kind": "named"}
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    full = get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {"kind": "torch", **full} if rank == 0 else {"kind": "torch", "replica_of_rank": 0}
+    full = get_optimizer_state_dict(_resharded(model), optimizer)
+    return _flatten("optim/state/", full["state"]), {"kind": "torch", "param_groups": full["param_groups"]}
 
 
-def full_optimizer_state(model: torch.nn.Module, shards: list[dict], optimizer_name: str = "AdamW") -> dict:
-    """The full, name-keyed state of a dense optimizer (written once, by rank 0), checked
-    against the model."""
-    kinds = {s["kind"] for s in shards}
-    if kinds != {"torch"}:
-        raise CheckpointError(f"checkpoint optimizer state is {kinds}; this run uses "
-                              f"{optimizer_name}: resume with the same optim.name")
-    full = {k: v for k, v in shards[0].items() if k != "kind"}
-    names = {n for n, _ in model.named_parameters()}
-    saved = set(full["param_groups"][0]["params"]) if full["param_groups"] else set()
-    if saved != names:
+def _check_kind(meta: dict, want: str, optimizer_name: str) -> None:
+    if meta["kind"] != want:
+        raise CheckpointError(f"checkpoint optimizer state is {meta['kind']!r}; this run's optimizer "
+                              f"{optimizer_name} needs {want!r}: resume with the same optim.name")
+
+
+def dense_optimizer_states(model: torch.nn.Module, saved: SavedState, meta: dict,
+                           optimizer_name: str = "AdamW"):
+    """(parameter name, its whole saved state) for each parameter of a dense optimizer, read one
+    parameter at a time (DeepSpeed ZeRO-1/2 keeps its own fragment of each, so a rank never holds
+    more than one parameter's state extra); checked against the model first."""
+    _check_kind(meta, "torch", optimizer_name)
+    keys: dict[str, list[str]] = {}
+    for k in saved.keys:
+        if k.startswith("optim/state/"):
+            name, key = k[len("optim/state/"):].rsplit("/", 1)
+            keys.setdefault(name, []).append(key)
+    if keys and set(keys) != {n for n, _ in model.named_parameters()}:
         raise CheckpointError("checkpoint optimizer parameters do not match the model "
                               "(a different model.preset?)")
-    return full
+    for name in keys:
+        got = saved.read({f"optim/state/{name}/{k}": None for k in keys[name]})
+        yield name, {k.rsplit("/", 1)[1]: v for k, v in got.items()}
 
 
-def restore_optimizer(optimizer, model: torch.nn.Module, shards: list[dict]) -> None:
-    """Load the saved shards (all ranks' files, in rank order) into this rank's optimizer."""
-    kinds = {s["kind"] for s in shards}
-    if getattr(optimizer, "state_keyed_by_name", False):
-        if kinds != {"named"}:
-            raise CheckpointError(f"checkpoint optimizer state is {kinds}, the run's optimizer "
-                                  f"{type(optimizer).__name__} needs name-keyed block state")
-        optimizer.load_state_dict_shards([s["state"] for s in shards])
+def restore_optimizer(optimizer, model: torch.nn.Module, saved: SavedState, meta: dict) -> None:
+    """Load into this rank's optimizer the state it holds, read from the checkpoint."""
+    name = type(optimizer).__name__
+    if hasattr(optimizer, "checkpoint_blocks"):
+        _check_kind(meta, "named", name)
+        optimizer.load_checkpoint(meta, saved, "optim/")
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if getattr(optimizer, "state_keyed_by_name", False):
+        _check_kind(meta, "named", name)
+        optimizer.load_state_dict_shards([_unflatten(saved.read_prefix("optim/"))])
+        return
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    full = full_optimizer_state(model, shards, type(optimizer).__name__)
-    set_optimizer_state_dict(model, optimizer, full,
-                             options=StateDictOptions(full_state_dict=_is_sharded(model)))
+    _check_kind(meta, "torch", name)
+    current = get_optimizer_state_dict(_resharded(model), optimizer)["state"]  # torch builds its lazy state here
+    got = _unflatten(saved.read(_flatten("optim/state/", current)))["optim"]["state"]
+    if set(got) != set(current):
+        raise CheckpointError("checkpoint optimizer parameters do not match the model")
+    set_optimizer_state_dict(model, optimizer, {"state": got, "param_groups": meta["param_groups"]})

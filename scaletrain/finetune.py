@@ -103,18 +103,18 @@ def resolve_model(spec: str) -> ModelSource:
             found = ckpt.find_checkpoint("auto", p)
         elif (p / "latest").is_file() or (p / "manifest.json").is_file():
             found = ckpt.find_checkpoint(str(p), p)
-        elif (p / "model.safetensors").is_file() or (p / "config.yaml").is_file():
+        elif (p / "dcp").is_dir() or (p / "config.yaml").is_file():
             ckpt.verify(p)  # an incomplete checkpoint: the error names what is missing
             found = p
         else:
             found = None
     except ckpt.CheckpointError as e:
-        raise ModelPathError(f"config key 'model.path': {e}; the model weights (model.safetensors) must "
+        raise ModelPathError(f"config key 'model.path': {e}; the model weights (dcp/) must "
                              f"be there: point model.path at an intact step_* directory or its run "
                              f"directory") from None
     if found is None:
         raise ModelPathError(f"config key 'model.path': {p} holds no model: neither a scaletrain checkpoint "
-                             f"(step_*/ with manifest.json and model.safetensors, a checkpoints/ root, or a "
+                             f"(step_*/ with manifest.json and dcp/, a checkpoints/ root, or a "
                              f"run directory) nor a transformers directory (config.json + weights)")
     return ModelSource("scaletrain", found, yaml.safe_load((found / "config.yaml").read_text()) or {})
 
@@ -461,26 +461,26 @@ def save(cfg, run_dir, step, ctx, model, zm, engine, optimizer, loader, ds_confi
     """A checkpoint in the pretraining layout: plain Llama weights (ZO: the 4-bit base with the tuned
     sparse values in place, materialized), the mask (ZO) or optimizer state in the rank shards,
     and a config.yaml that tools/export_hf.py and `--model.path` read."""
-    if zm is not None:
-        weights = zm.state_dict() if ctx.is_main else {}
+    extra, optim_meta = None, {"kind": "none"}
+    if zm is not None:  # the materialized weights and the mask, from rank 0 (replicated)
+        sharded = {f"model/{k}": v for k, v in zm.state_dict().items()} if ctx.is_main else {}
         if zm.mask is None:
-            shard = {"kind": "zo_dense"}
+            extra = {"kind": "zo_dense"}
         elif ctx.is_main:
-            shard = {**zm.mask.state_dict(), "quant": cfg.zo.quant, "quant_block": cfg.zo.quant_block}
+            extra = {**zm.mask.state_dict(), "quant": cfg.zo.quant, "quant_block": cfg.zo.quant_block}
         else:
-            shard = {"kind": "zo_mask", "replica_of_rank": 0}
+            extra = {"kind": "zo_mask", "replica_of_rank": 0}
     else:
-        weights = ckpt.model_state(engine.module, ctx.rank)
-        if engine.zero_partitions_state:
-            full = engine.full_optimizer_state()
-            shard = {"kind": "torch", **full} if ctx.is_main else {"kind": "torch", "replica_of_rank": 0}
-        else:
-            shard = ckpt.optimizer_shard(optimizer, engine.module, ctx.rank)
+        from scaletrain.trainer import optimizer_shard
+
+        optim_tensors, optim_meta = optimizer_shard(engine, optimizer)
+        sharded = {**ckpt.model_shard(engine.module), **optim_tensors}
     llama = {k: v for k, v in model.config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
     record = {"model": {"preset": preset, "llama_config": llama, "source": str(source.path)},
               "data": {"tokenizer": tok_spec}, "finetune": to_dict(cfg)}
     return ckpt.save_checkpoint(run_dir / "checkpoints", step, rank=ctx.rank, world_size=ctx.world_size,
-                                model_state=weights, optim_shard=shard,
-                                trainer_state={"step": step, "world_size": ctx.world_size, "loader": loader.state_dict()},
+                                sharded=sharded, extra_shard=extra,
+                                trainer_state={"step": step, "world_size": ctx.world_size, "optim": optim_meta,
+                                               "loader": loader.state_dict()},
                                 config_text=yaml.safe_dump(record, sort_keys=False), ds_config=ds_config,
                                 keep_latest=cfg.checkpoint.keep_latest)

@@ -102,18 +102,9 @@ def selection_pass(engine, optimizer, batches: list[torch.Tensor], device, step:
 
 
 def find_resume_checkpoint(cfg, run_dir, ctx) -> Path | None:
-    """The checkpoint that `--resume` names (rank 0 chooses), or None to start afresh."""
-    found: list = [None, None]
-    if ctx.is_main:
-        try:
-            found[0] = ckpt.find_checkpoint(cfg.resume, run_dir)
-        except ckpt.CheckpointError as e:
-            found[1] = str(e)
-    if ctx.world_size > 1:
-        torch.distributed.broadcast_object_list(found, src=0)
-    path, error = found
-    if error:
-        raise ckpt.CheckpointError(error)
+    """The checkpoint that `--resume` names, or None to start afresh (collective: the ranks share
+    the checksum work; rank 0 lists the candidates)."""
+    path = ckpt.find_checkpoint(cfg.resume, run_dir, ctx.rank, ctx.world_size)
     if path is None and cfg.resume == "auto":
         log.info("--resume auto: no checkpoint under %s, starting afresh", run_dir)
     return path
@@ -144,11 +135,12 @@ def resume(path: Path | None, ctx, engine, optimizer, scheduler, loader) -> int:
         return 0
     t0 = time.perf_counter()
     state = ckpt.load_trainer_state(path)
-    ckpt.restore_model(engine.module, ckpt.load_model_state(path))
+    saved = ckpt.SavedState(path)
+    ckpt.restore_model(engine.module, saved)
     if engine.zero_partitions_state:  # DeepSpeed ZeRO-1/2 AdamW: each rank sets its fragments
-        engine.load_full_optimizer_state(ckpt.full_optimizer_state(engine.module, ckpt.load_optim_shards(path)))
+        engine.load_optimizer_states(ckpt.dense_optimizer_states(engine.module, saved, state["optim"]))
     else:
-        ckpt.restore_optimizer(optimizer, engine.module, ckpt.load_optim_shards(path))
+        ckpt.restore_optimizer(optimizer, engine.module, saved, state["optim"])
     restore_schedule(scheduler, optimizer, state["scheduler"])
     loader.load_state_dict(state["loader"])
     ckpt.load_rng_state(path, ctx.rank)
@@ -176,21 +168,21 @@ def save(cfg, run_dir, step, ctx, engine, optimizer, scheduler, loader, ds_confi
                   "written (latest stays the previous one)", step)
         return
     write = saver.save if saver is not None else ckpt.save_checkpoint
+    optim_tensors, optim_meta = optimizer_shard(engine, optimizer)
     write(
         run_dir / "checkpoints", step, rank=ctx.rank, world_size=ctx.world_size,
-        model_state=ckpt.model_state(engine.module, ctx.rank),
-        optim_shard=_optimizer_shard(engine, optimizer, ctx.rank),
-        trainer_state={"step": step, "world_size": ctx.world_size,
+        sharded={**ckpt.model_shard(engine.module), **optim_tensors},
+        trainer_state={"step": step, "world_size": ctx.world_size, "optim": optim_meta,
                        "scheduler": scheduler.state_dict(), "loader": loader.state_dict()},
         config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False), ds_config=ds_config,
         keep_latest=cfg.checkpoint.keep_latest)
 
 
-def _optimizer_shard(engine, optimizer, rank: int) -> dict:
-    if engine.zero_partitions_state:  # gathered from ZeRO's partitions: one full copy, rank 0's
-        full = engine.full_optimizer_state()
-        return {"kind": "torch", **full} if rank == 0 else {"kind": "torch", "replica_of_rank": 0}
-    return ckpt.optimizer_shard(optimizer, engine.module, rank)
+def optimizer_shard(engine, optimizer) -> tuple[dict, dict]:
+    """(this rank's optimizer tensors for the checkpoint, global optimizer metadata)."""
+    if engine.zero_partitions_state:  # from ZeRO's partitions: each rank keeps ~1/W of them
+        return engine.optimizer_shard()
+    return ckpt.optimizer_shard(optimizer, engine.module)
 
 
 @dataclass

@@ -50,6 +50,26 @@ def rewound_copy(run_dir, dest):
     return dest
 
 
+def writer_ranks(step_dir, prefix):
+    """{key under prefix: ranks whose DCP file holds it}, from DCP's metadata (file __<rank>_*)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(str(step_dir / "dcp")).read_metadata().storage_data
+    out = {}
+    for index, info in storage.items():
+        if index.fqn.startswith(prefix):
+            out.setdefault(index.fqn[len(prefix):], set()).add(int(info.relative_path.split("_")[2]))
+    return out
+
+
+def block_writers(step_dir):
+    """{block name: ranks that wrote any of its state}."""
+    out = {}
+    for key, ranks in writer_ranks(step_dir, "optim/blocks/").items():
+        out.setdefault(key.split("/")[0], set()).update(ranks)
+    return out
+
+
 def rows_at_least(run_dir, n):
     f = run_dir / "metrics.jsonl"
     return lambda: f.exists() and len(f.read_text().splitlines()) >= n
@@ -113,7 +133,7 @@ def test_damaged_checkpoint_is_named_and_previous_used(three_checkpoints, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(three_checkpoints, run)
     newest = run / "checkpoints" / "step_00000006"
-    target = newest / ("manifest.json" if damage == "no_manifest" else "optim_rank00000.pt")
+    target = newest / ("manifest.json" if damage == "no_manifest" else "dcp/__0_0.distcp")
     if damage == "flip_byte":
         data = bytearray(target.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -133,7 +153,7 @@ def test_no_intact_checkpoint_is_a_clear_error(three_checkpoints, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(three_checkpoints, run)
     for d in (run / "checkpoints").glob("step_*"):
-        (d / "model.safetensors").unlink()
+        (d / "dcp" / ".metadata").unlink()
     proc = run_pretrain(["--run_dir", str(run), "--resume", "auto", "--train.steps", "6"] + TINY,
                         check=False)
     assert proc.returncode == 1 and "no intact checkpoint" in proc.stderr
@@ -141,11 +161,21 @@ def test_no_intact_checkpoint_is_a_clear_error(three_checkpoints, tmp_path):
 
 def test_optimizer_state_loads_weights_only_and_by_name(three_checkpoints):
     path = three_checkpoints / "checkpoints" / "step_00000006"
-    shard = torch.load(path / "optim_rank00000.pt", weights_only=True)
-    assert shard["kind"] == "torch"
-    assert "model.layers.0.self_attn.q_proj.weight" in shard["state"]
     state = torch.load(path / "trainer.pt", weights_only=True)
     assert state["step"] == 6 and state["loader"]["windows_consumed"] > 0
+    assert state["optim"]["kind"] == "torch"
+    saved = ckpt.SavedState(path)
+    assert "optim/state/model.layers.0.self_attn.q_proj.weight/exp_avg" in saved.keys
+    assert "model/model.layers.0.self_attn.q_proj.weight" in saved.keys
+
+
+def test_old_format_is_a_clear_error_not_skipped(three_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    manifest = run / "checkpoints" / "step_00000006" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"format": 2', '"format": 1'))
+    with pytest.raises(ckpt.CheckpointFormatError, match="format 1.*--resume none"):
+        ckpt.find_checkpoint("auto", run)
 
 
 @pytest.mark.parametrize("save_stage,resume_stage,launcher", [(0, 0, "python"), (2, 1, "deepspeed")],
@@ -183,13 +213,14 @@ def test_bf16_block_run_matches_one_rank_and_resumes_its_masters_at_one_rank(tmp
     np.testing.assert_allclose(list(last_loss_per_step(tmp_path / "one").values()), list(want.values()),
                                rtol=0, atol=1e-5)
     step4 = tmp_path / "whole" / "checkpoints" / "step_00000004"
-    from safetensors.torch import load_file
-
-    assert {t.dtype for t in load_file(str(step4 / "model.safetensors")).values()} == {torch.bfloat16}
-    shards = [torch.load(step4 / f"optim_rank{r:05d}.pt", weights_only=True) for r in range(2)]
-    states = [sh["state"] for sh in shards]
-    masters = [n for st in states for n, block in st["blocks"].items() if block["master"].dtype == torch.float32]
-    assert sorted(masters) == sorted(states[0]["selected"])  # each selected block's master, once
+    assert {t.dtype for t in ckpt.load_model_state(step4).values()} == {torch.bfloat16}
+    saved = ckpt.SavedState(step4)
+    selected = torch.load(step4 / "trainer.pt", weights_only=True)["optim"]["selected"]
+    masters = [k.split("/")[2] for k in saved.keys if k.endswith("/master")]
+    assert sorted(masters) == sorted(selected)  # each selected block's master, once
+    assert all(saved.meta[f"optim/blocks/{n}/master"].properties.dtype == torch.float32 for n in masters)
+    writers = block_writers(step4)
+    assert all(len(r) == 1 for r in writers.values()) and set().union(*writers.values()) == {0, 1}
     run = rewound_copy(tmp_path / "whole", tmp_path / "moved")
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(ds1), "--resume", "auto"] + common)
     got = last_loss_per_step(run)
@@ -234,9 +265,11 @@ def block_two_rank_run(tmp_path_factory):
 def test_block_state_saved_at_two_ranks_resumes_at_other_world_sizes(tmp_path, block_two_rank_run,
                                                                       new_world):
     """The owner map is recomputed; each rank loads the blocks it now owns; losses continue."""
-    saved = torch.load(block_two_rank_run / "checkpoints" / "step_00000004" / "optim_rank00001.pt",
-                       weights_only=True)["state"]
-    assert saved["blocks"] and set(saved["blocks"]) < set(saved["selected"])  # rank 1 kept its own only
+    step4 = block_two_rank_run / "checkpoints" / "step_00000004"
+    writers = block_writers(step4)  # each block's state in exactly one rank's file: its owner's
+    selected = torch.load(step4 / "trainer.pt", weights_only=True)["optim"]["selected"]
+    assert set(writers) == set(selected) and all(len(r) == 1 for r in writers.values())
+    assert set().union(*writers.values()) == {0, 1}
     run = rewound_copy(block_two_rank_run, tmp_path / "moved")
     dsn = write_ds_config(tmp_path / "dsn.json", micro=1, accum=GLOBAL_MICRO // new_world, stage=2)
     run_pretrain(["--run_dir", str(run), "--deepspeed_config", str(dsn), "--resume", "auto"] + BLOCK_RESUME,

@@ -25,12 +25,12 @@ def trained_optimizer(device: str) -> BlockOptimizer:
     return opt
 
 
-def saved_checkpoint(opt: BlockOptimizer, root) -> list[dict]:
-    """Write the optimizer's shard as a checkpoint does and read it back as a resume does."""
-    path = ckpt.save_checkpoint(root, 1, rank=0, world_size=1, model_state={}, keep_latest=2,
-                                optim_shard={"kind": "named", "state": opt.state_dict()},
-                                trainer_state={"step": 1}, config_text="", ds_config={})
-    return ckpt.load_optim_shards(path)
+def saved_checkpoint(opt: BlockOptimizer, root) -> tuple[ckpt.SavedState, dict]:
+    """Write the optimizer's shard as a checkpoint does and open it as a resume does."""
+    tensors, meta = ckpt.optimizer_shard(opt, model=None)
+    path = ckpt.save_checkpoint(root, 1, rank=0, world_size=1, sharded=tensors, keep_latest=2,
+                                trainer_state={"step": 1, "optim": meta}, config_text="", ds_config={})
+    return ckpt.SavedState(path), meta
 
 
 def state_devices(opt: BlockOptimizer) -> set[torch.device]:
@@ -40,10 +40,10 @@ def state_devices(opt: BlockOptimizer) -> set[torch.device]:
 def test_state_saved_on_cpu_is_moved_to_the_resuming_device(tmp_path):
     """The `meta` device stands in for a GPU: a CPU-saved state must follow the parameters there."""
     saved = trained_optimizer("cpu")
-    shards = saved_checkpoint(saved, tmp_path)
+    shards, meta = saved_checkpoint(saved, tmp_path)
     model = tiny_llama().to("meta")
     resumed = BlockOptimizer(model.named_parameters(), lr=1e-2, **LOWRANK_8BIT)
-    ckpt.restore_optimizer(resumed, model, shards)
+    ckpt.restore_optimizer(resumed, model, shards, meta)
     assert resumed.block_state.keys() == saved.block_state.keys()
     assert state_devices(resumed) == {torch.device("meta")}
     for name, st in saved.block_state.items():
@@ -56,13 +56,13 @@ def test_state_saved_on_cpu_is_moved_to_the_resuming_device(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_state_saved_on_cuda_loads_on_cpu_and_resumes_on_cuda(tmp_path):
     saved = trained_optimizer("cuda")
-    shards = saved_checkpoint(saved, tmp_path)
-    assert {t.device.type for s in shards for st in s["state"]["blocks"].values()
-            for t in st.values() if torch.is_tensor(t)} == {"cpu"}  # map_location="cpu"
+    shards, meta = saved_checkpoint(saved, tmp_path)
+    assert {t.device.type for t in shards.read_prefix("optim/").values()
+            if torch.is_tensor(t)} == {"cpu"}  # read onto the CPU, whatever device saved it
     for device in ("cpu", "cuda"):
         model = tiny_llama().to(device)
         resumed = BlockOptimizer(model.named_parameters(), lr=1e-2, **LOWRANK_8BIT)
-        ckpt.restore_optimizer(resumed, model, shards)
+        ckpt.restore_optimizer(resumed, model, shards, meta)
         assert {d.type for d in state_devices(resumed)} == {device}
         batch = torch.randint(0, VOCAB, (2, 17), device=device)
         causal_lm_loss(model, batch).backward()

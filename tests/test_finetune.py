@@ -61,8 +61,6 @@ def _eval_rows(rows):
 
 
 def test_zo_finetune_improves_held_out_loss_and_saves_the_mask(zo_one_rank, pretrained):
-    from safetensors.torch import load_file
-
     from scaletrain import checkpoint as ckpt
     from scaletrain.zo.quant4 import error_bound
 
@@ -87,8 +85,8 @@ def test_zo_finetune_improves_held_out_loss_and_saves_the_mask(zo_one_rank, pret
     assert n_masked == round(0.001 * n_candidates) == last["trainable_params"]
     assert len(mask["names"]) == 4 * 7  # llama_9m: q/k/v/o + gate/up/down in 4 layers
 
-    tuned = load_file(str(path / "model.safetensors"))
-    source = load_file(str(ckpt.find_checkpoint("auto", pretrained) / "model.safetensors"))
+    tuned = ckpt.load_model_state(path)
+    source = ckpt.load_model_state(ckpt.find_checkpoint("auto", pretrained))
     assert tuned.keys() == source.keys()
     moved = 0
     for name, w in source.items():
@@ -205,9 +203,9 @@ def test_bad_inputs_exit_2_naming_the_field(pretrained, tmp_path, capsys):
 
     ckpt_dir = tmp_path / "broken"
     shutil.copytree(sorted((pretrained / "checkpoints").glob("step_*"))[-1], ckpt_dir)
-    (ckpt_dir / "model.safetensors").unlink()
+    shutil.rmtree(ckpt_dir / "dcp")
     err = _config_error(capsys, ["--model.path", str(ckpt_dir)])
-    assert "model.path" in err and "model.safetensors" in err
+    assert "model.path" in err and "dcp/" in err
     assert "model.path" in _config_error(capsys, [])
 
     data = tmp_path / "reviews.jsonl"

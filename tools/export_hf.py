@@ -6,6 +6,12 @@
 The result (model.safetensors, config.json, generation_config.json, tokenizer files) loads with
 `LlamaForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)`. The checkpoint
 is verified against its manifest first; an existing, non-empty output directory is refused.
+
+Checkpoints are sharded (torch.distributed.checkpoint, one file per saving rank, FSDP2 weights
+split across them): the weights are consolidated offline, in this one process, by reading only
+the "model/" entries of the DCP metadata into whole CPU tensors (the optimizer state is not read).
+To consolidate everything into one torch.save file instead, DCP has
+`torch.distributed.checkpoint.format_utils.dcp_to_torch_save(<step>/dcp, out.pt)`.
 """
 from __future__ import annotations
 
@@ -57,7 +63,7 @@ def export(checkpoint: Path, out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"export_hf: {out} exists and is not empty; choose a new output directory")
     cfg = yaml.safe_load((path / "config.yaml").read_text())
-    weights = ckpt.load_model_state(path)
+    weights = ckpt.load_model_state(path)  # consolidated from every rank's shard
     vocab = weights["model.embed_tokens.weight"].shape[0]
     model = LlamaForCausalLM(llama_config(cfg["model"]["preset"], vocab))
     model.load_state_dict(weights, strict=True)

@@ -723,9 +723,14 @@ class BlockOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """Tensors and plain numbers/strings only, keyed by block name (weights_only loadable).
         Under FSDP2 this is collective: the row shards of each block's state are gathered and
-        rank 0 returns them whole (the other ranks none), so any backend and size can resume."""
+        rank 0 returns them whole (the other ranks none), so any backend and size can resume.
+        (Checkpoints use checkpoint_blocks/checkpoint_meta instead: no gather.)"""
+        blocks = self._gathered_fsdp_state() if self.fsdp_rows else {n: dict(s) for n, s in self.block_state.items()}
+        return {"blocks": blocks, **self.checkpoint_meta()}
+
+    def checkpoint_meta(self) -> dict:
+        """The global part of the state (the same on every rank): selection, visits, LR."""
         return {
-            "blocks": self._gathered_fsdp_state() if self.fsdp_rows else {n: dict(s) for n, s in self.block_state.items()},
             "selected": list(self.selected),
             "chosen": list(self.chosen),
             "owners": dict(self.owners),  # at the saving world size; recomputed on load
@@ -735,6 +740,66 @@ class BlockOptimizer(torch.optim.Optimizer):
             "last_selection_step": self.last_selection_step,
             "lr": self.param_groups[0]["lr"],
         }
+
+    def checkpoint_blocks(self) -> dict:
+        """This rank's part of the block state as flat `blocks/<name>/<key>` entries, no
+        communication but one small all-reduce under FSDP2: each block by its owner (every rank
+        at stage 0 or world 1: replicated, written once by DCP); under FSDP2 rows, each rank's
+        rows as `<key>@<first>-<end>` (rows of the parameter) plus the block's step."""
+        if not self.fsdp_rows:
+            return {f"blocks/{n}/{k}": v for n, st in self.block_state.items() for k, v in st.items()}
+        names = sorted(self.selected)
+        steps = torch.tensor([float(self.block_state[n]["step"]) if n in self.block_state else 0.0
+                              for n in names], dtype=torch.float64, device=self.device)
+        if self._world() > 1:
+            self.wire.all_reduce(steps, op=dist.ReduceOp.MAX)  # 0 where a rank has no rows
+        out = {}
+        for name, step in zip(names, steps.tolist()):
+            b = self.block_by_name[name]
+            out[f"blocks/{name}/step"] = step
+            lo, hi, _ = self._local_rows(b)
+            if hi > lo:
+                st = self.block_state.get(name) or self.rule.new_state(b, self._weight(b))
+                out.update({f"blocks/{name}/{k}@{lo}-{hi}": v for k, v in st.items() if torch.is_tensor(v)})
+        return out
+
+    def load_checkpoint(self, meta: dict, saved, prefix: str) -> None:
+        """Load from a checkpoint (`saved.keys`, `saved.read(targets)`, `saved.empty(key)`) the
+        blocks this rank holds at the current world size and backend, reading only those (their
+        rows only, where FSDP2 row pieces were saved)."""
+        self._load_selection(meta)
+        by_block: dict[str, list[str]] = {}  # block name -> its saved keys (`<key>` or `<key>@<rows>`)
+        for k in saved.keys:
+            if k.startswith(f"{prefix}blocks/"):
+                name, key = k[len(prefix) + 7:].rsplit("/", 1)
+                by_block.setdefault(name, []).append(key)
+        self._install_blocks({n: self._read_block(n, saved, f"{prefix}blocks/{n}/", by_block[n])
+                              for n in self.owned() if n in by_block})
+
+    def _read_block(self, name: str, saved, prefix: str, keys: list[str]) -> dict:
+        b = self.block_by_name[name]
+        a, z = b.rows or (0, self.params[b.param].shape[0])
+        lo, hi = self._local_rows(b)[:2] if self.fsdp_rows else (a, z)
+        pieces = {}  # state key -> [(first, end, saved key)] of the saved row pieces we need
+        for k in keys:
+            if "@" in k:
+                key, rows = k.split("@")
+                first, end = map(int, rows.split("-"))
+                pieces.setdefault(key, [])
+                if first < hi and end > lo:
+                    pieces[key].append((first, end, k))
+        whole = [k for k in keys if "@" not in k]
+        got = saved.read({prefix + k: None for k in whole + [p[2] for ps in pieces.values() for p in ps]})
+        state = {k: got[prefix + k] for k in whole}
+        if self.fsdp_rows:  # a whole block saved by an owner: this rank's rows of it
+            state = {k: (v[lo - a:hi - a] if torch.is_tensor(v) else v) for k, v in state.items()}
+        for key, ps in pieces.items():
+            ps.sort()
+            parts = [got[prefix + k][max(lo, f) - f:min(hi, e) - f] for f, e, k in ps]
+            first_key = next(k for k in keys if k.startswith(key + "@"))
+            parts = parts or [saved.empty(prefix + first_key)[:0]]  # no rows here
+            state[key] = torch.cat(parts).clone()
+        return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in state.items()}
 
     def _fsdp_owner_step(self, blocks: list[Block], hyper: Hyper, sq_inactive: torch.Tensor) -> None:
         """FSDP2 with projected or 8-bit states: FSDP reduce-scattered the gradient rows; each
@@ -795,7 +860,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             b = self.block_by_name[name]
             st = self.block_state.get(name) or self.rule.new_state(b, self._weight(b))  # no rows here
             step = torch.tensor([float(st["step"])], dtype=torch.float64, device=self.device)
-            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.group)  # 0 where a rank has no rows
+            self.wire.all_reduce(step, op=dist.ReduceOp.MAX)  # 0 where a rank has no rows
             rows = [self._rows_of_rank(b, r) for r in range(world)]
             out = {"step": step.item()}
             for key in sorted(k for k in st if torch.is_tensor(st[k])):
@@ -803,7 +868,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 padded = torch.zeros((max(rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
                 padded[: local.shape[0]] = local
                 parts = [torch.empty_like(padded) for _ in range(world)]
-                dist.all_gather(parts, padded, group=self.group)
+                self.wire.all_gather(parts, padded)
                 out[key] = torch.cat([part[:n] for part, n in zip(parts, rows)]).cpu()
             if self._rank() == 0:
                 full[name] = out
@@ -819,6 +884,12 @@ class BlockOptimizer(torch.optim.Optimizer):
         return {k: (v[lo - a:hi - a].clone().to(self.device) if torch.is_tensor(v) else v) for k, v in st.items()}
 
     def load_state_dict(self, state: dict) -> None:
+        self._load_selection(state)
+        self._install_blocks({n: self._local_state(self.block_by_name[n], state["blocks"][n])
+                              for n in self.owned() if n in state["blocks"]})
+
+    def _load_selection(self, state: dict) -> None:
+        """Selection, visits, losses and LR from a saved state; owners for this world size."""
         unknown = set(state.get("chosen", state["selected"])) - {b.name for b in self.blocks}
         if unknown:
             raise ValueError(f"saved selection has blocks this model/config does not: {sorted(unknown)[:3]}"
@@ -832,10 +903,13 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.chosen = list(state.get("chosen", state["selected"]))  # (saved before always-trained tensors existed)
         self.selected = sorted(always + self.chosen)
         self.owners = owner_map([self.block_by_name[n] for n in self.selected], self._world())
-        missing = [n for n in self.owned() if n not in state["blocks"]]
+
+    def _install_blocks(self, blocks: dict) -> None:
+        """The loaded states of the blocks this rank holds (local rows under FSDP2, on its device)."""
+        missing = [n for n in self.owned() if n not in blocks]
         if missing:
             raise ValueError(f"saved optimizer state lacks blocks this rank now owns: {missing[:3]}")
-        self.block_state = {n: self._local_state(self.block_by_name[n], state["blocks"][n]) for n in self.owned()}
+        self.block_state = blocks
         self._set_requires_grad()
         self._adopt_masters()
         self._hook_trained_params()

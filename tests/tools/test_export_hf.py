@@ -7,13 +7,26 @@ import torch
 from scaletrain import checkpoint as ckpt
 from scaletrain.data import load_tokenizer
 from scaletrain.models.llama import build_model
-from tests.launching import REPO, TINY, run_pretrain
+from tests.launching import REPO, TINY, run_pretrain, write_ds_config
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("export") / "run"
-    run_pretrain(["--run_dir", str(run), "--train.steps", "4"] + TINY)
+@pytest.fixture(scope="module", params=["one_rank", "fsdp2_two_ranks"])
+def trained_run(tmp_path_factory, request):
+    """One rank, or FSDP2 at 2 ranks: each rank's file then holds its own rows of the weights."""
+    tmp = tmp_path_factory.mktemp("export")
+    run = tmp / "run"
+    if request.param == "one_rank":
+        run_pretrain(["--run_dir", str(run), "--train.steps", "4"] + TINY)
+        return run
+    ds = write_ds_config(tmp / "ds.json", micro=1, accum=1)
+    run_pretrain(["--run_dir", str(run), "--train.steps", "4", "--backend", "fsdp", "--deepspeed_config",
+                  str(ds)] + TINY, launcher="torchrun", nproc=2)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    step = ckpt.find_checkpoint("auto", run)
+    files = {i.relative_path for k, i in FileSystemReader(str(step / "dcp")).read_metadata().storage_data.items()
+             if k.fqn == "model/model.embed_tokens.weight"}
+    assert files == {"__0_0.distcp", "__1_0.distcp"}  # sharded weights, consolidated by the export
     return run
 
 
