@@ -198,11 +198,11 @@ def _reload(world, shards):
 
 
 @pytest.fixture(scope="module")
-def two_rank_projected_8bit_shards():
+def two_rank_projected_8bit_shards(rank_context):
     """The 2-rank GaLore + 8-bit optimizer shards, trained once for both resharding tests."""
     from scaletrain.dist.local_ranks import run_ranks
 
-    return run_ranks(_saved_projected_state, 2, 2)
+    return run_ranks(_saved_projected_state, 2, 2, context=rank_context)
 
 
 @pytest.mark.parametrize("new_world", [1, 3])
