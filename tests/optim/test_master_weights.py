@@ -65,9 +65,7 @@ def test_bf16_weights_with_fp32_masters_track_fp32(one_rank):
     assert bf16["frozen_unchanged"]
 
 
-# 2 ranks at each stage; 3 ranks for the non-power-of-two loss scale (4 ranks took 2's path: a
-# power-of-two scale at stage 2)
-@pytest.mark.parametrize("world,stage", [(2, 0), (2, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("world,stage", [(2, 0), (2, 1), (2, 2), (3, 2), (4, 2)])
 def test_bf16_ranks_match_one_rank(ranks, one_rank, world, stage):
     """fp32 accumulation and reduction, masters on owners: W ranks reproduce one rank's losses.
     Each micro-batch's loss is scaled by 1 / (its rank's micro-batches) before a bf16 backward; at
