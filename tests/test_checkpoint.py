@@ -182,6 +182,7 @@ def test_optimizer_state_loads_weights_only_and_by_name(three_checkpoints):
     assert state["step"] == 6 and state["loader"]["windows_consumed"] > 0
 
 
+@pytest.mark.slow
 def test_two_ranks_saved_one_rank_resumes_single(tmp_path, two_rank_run):
     """Same global batch: 2 ranks x micro 2 == 1 rank x micro 2 x accumulation 2. The 2-rank
     DeepSpeed ZeRO-0 AdamW run, moved to one plain (backend single) process at its step-3

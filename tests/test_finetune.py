@@ -106,6 +106,7 @@ def test_zo_finetune_improves_held_out_loss_and_saves_the_mask(zo_one_rank, pret
     assert moved == n_masked
 
 
+@pytest.mark.slow
 def test_zo_two_deepspeed_ranks_match_one_rank(zo_one_rank, pretrained, tmp_path):
     """Same global batch (2 ranks x 8 vs 1 rank x 8 x 2) and seed: the same mask and trajectory of g.
     The ranks start under torchrun (the DeepSpeed backend under any launcher; the DeepSpeed
