@@ -62,6 +62,7 @@ def _eval_rows(rows):
     return [r for r in rows if "eval_loss" in r]
 
 
+@pytest.mark.slow
 def test_zo_finetune_improves_held_out_loss_and_saves_the_mask(zo_one_rank, pretrained):
     from safetensors.torch import load_file
 

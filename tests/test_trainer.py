@@ -20,6 +20,7 @@ def _deepspeed_shm_buffers() -> set:
     return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_end_to_end(tmp_path):
     ds = write_ds_config(tmp_path / "ds.json", micro=4, accum=1)
     run_dir = tmp_path / "run"
