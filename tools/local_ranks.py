@@ -37,9 +37,12 @@ def _rank_main(fn, rank, world_size, port, args, queue):
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 600) -> list[Any]:
-    """Run `fn(*args)` on `world_size` gloo ranks; return the results ordered by rank."""
-    ctx = mp.get_context("spawn")
+def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 600,
+              context: Any = None) -> list[Any]:
+    """Run `fn(*args)` on `world_size` gloo ranks; return the results ordered by rank. context:
+    the multiprocessing context that starts them (default spawn: fresh interpreters; the tests
+    pass a forkserver that has imported torch once, see tests/conftest.py)."""
+    ctx = context or mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, queue))

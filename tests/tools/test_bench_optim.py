@@ -3,9 +3,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.launching import REPO
 
 
+@pytest.mark.slow  # six modes, each on fresh ranks: ~35 s
 def test_bench_optim_json_and_state_figures(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(

@@ -2,6 +2,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tools.local_ranks import run_ranks
+
 
 def _allreduce_rank():
     t = torch.tensor([float(dist.get_rank() + 1)])
@@ -16,8 +18,8 @@ def _fail_on_rank_one():
 
 
 def test_ranks_really_communicate(ranks):
-    out = ranks(_allreduce_rank, 3)
-    assert out == [(3, 6.0)] * 3
+    assert ranks(_allreduce_rank, 3) == [(3, 6.0)] * 3  # the tests' forkserver ranks
+    assert run_ranks(_allreduce_rank, 3) == [(3, 6.0)] * 3  # the default (spawn) the tools use
 
 
 def test_a_failing_rank_is_reported(ranks):
