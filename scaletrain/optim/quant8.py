@@ -8,6 +8,13 @@ values keep their relative precision, which a linear int8 grid would round to ze
 for Adam's second moment: a zeroed v turns the update into m / eps.
 
 Storage: 1 byte per value + 4 bytes per CHUNK values (1.016 B/value at CHUNK 256).
+
+Kernels: on CUDA tensors, bitsandbytes' blockwise quantization kernels (`quantize_blockwise`,
+`dequantize_blockwise`) with this module's codebooks, when bitsandbytes is installed; elsewhere the
+pure-torch code below. Both give the same codes (tests/optim/test_cuda.py), so a state saved by
+one resumes with the other. bitsandbytes' CPU kernel is not used: it does not round to the nearest
+entry near zero (bitsandbytes 0.50: an exact 0 comes back as 2e-5 of the chunk's absmax), which
+would move embedding rows whose moments are zero (tests/optim/test_quant8.py shows the defect).
 """
 from __future__ import annotations
 
@@ -25,15 +32,18 @@ def dynamic_codebook(signed: bool) -> torch.Tensor:
     """Sorted values in [-1, 1] (signed) or [0, 1]: per decade 10^(k-6)..10^(k-5), 2^k (signed,
     k = 1..6, each sign) or 2^(k+1) (unsigned, k = 0..6) evenly spaced points, so larger values
     get finer steps; plus 0 and +-1 (each chunk's absmax is exact). Signed: 2 * 126 + 3 = 255
-    entries; unsigned: 254 + 2 = 256."""
+    distinct entries and 1.0 once more; unsigned: 254 + 2 = 256."""
     values = [0.0, 1.0] + ([-1.0] if signed else [])
     for k in range(1 if signed else 0, 7):
         n = 2 ** k if signed else 2 ** (k + 1)
         edges = torch.linspace(0.1, 1.0, n + 1, dtype=torch.float64)
         mids = ((edges[:-1] + edges[1:]) / 2 * 10.0 ** (k - 6)).tolist()
         values += mids + ([-v for v in mids] if signed else [])
+    if signed:
+        values.append(1.0)  # 256 entries, as bitsandbytes' kernels search: a second 1.0 at the end,
+        # after every index in use, so codes written before it existed decode the same
     book = torch.tensor(sorted(values), dtype=torch.float32)
-    assert book.numel() == (255 if signed else 256)
+    assert book.numel() == 256
     return book
 
 
@@ -43,8 +53,31 @@ def _midpoints(signed: bool) -> torch.Tensor:
     return (book[1:] + book[:-1]) / 2
 
 
+@functools.lru_cache(maxsize=None)
+def _bitsandbytes():
+    """bitsandbytes.functional where it is installed and has a CUDA build, else None."""
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except Exception:  # not installed, or no usable binary for this machine
+        return None
+    return bnb_functional
+
+
+def uses_bitsandbytes(device: torch.device) -> bool:
+    return device.type == "cuda" and _bitsandbytes() is not None
+
+
 def quantize(t: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 shaped like t, absmax fp32 of shape [ceil(numel / CHUNK)])."""
+    if uses_bitsandbytes(t.device):
+        codes, qstate = _bitsandbytes().quantize_blockwise(
+            t.detach().float().reshape(-1), code=dynamic_codebook(signed).to(t.device), blocksize=CHUNK)
+        return codes.view(t.shape), qstate.absmax.float()
+    return quantize_torch(t, signed)
+
+
+def quantize_torch(t: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize() in pure torch, on any device."""
     flat = t.detach().float().reshape(-1)
     n_chunks = math.ceil(flat.numel() / CHUNK)
     padded = torch.nn.functional.pad(flat, (0, n_chunks * CHUNK - flat.numel())).view(n_chunks, CHUNK)
@@ -55,6 +88,16 @@ def quantize(t: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    if uses_bitsandbytes(codes.device):
+        out = _bitsandbytes().dequantize_blockwise(codes.reshape(-1), absmax=absmax,
+                                                   code=dynamic_codebook(signed).to(codes.device),
+                                                   blocksize=CHUNK)
+        return out.view(codes.shape)
+    return dequantize_torch(codes, absmax, signed)
+
+
+def dequantize_torch(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """dequantize() in pure torch, on any device."""
     book = dynamic_codebook(signed).to(codes.device)
     values = book[codes.reshape(-1).long()]
     n_chunks = absmax.numel()

@@ -35,3 +35,25 @@ def test_cuda_steps_equal_cpu_steps(options):
     assert cpu[0] == pytest.approx(cuda[0], rel=1e-5)  # the same model and batch
     assert cuda == pytest.approx(cpu, rel=2e-3)
     assert cuda[-1] < cuda[0]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_bitsandbytes_kernels_give_the_pure_torch_codes(signed):
+    """8-bit moments on CUDA go through bitsandbytes' kernels; a state written by them decodes
+    with the pure-torch code (a resume on CPU) and the other way round."""
+    pytest.importorskip("bitsandbytes.functional", reason="needs bitsandbytes")
+    from scaletrain.optim import quant8
+
+    torch.manual_seed(0)
+    x = torch.randn(100_000) * torch.logspace(-7, 0, 100_000)
+    x = (x if signed else x.abs()).cuda()
+    x[:quant8.CHUNK] = 0.0  # a chunk of exact zeros
+    assert quant8.uses_bitsandbytes(x.device)
+    codes, absmax = quant8.quantize(x, signed)
+    ref_codes, ref_absmax = quant8.quantize_torch(x, signed)
+    assert torch.equal(absmax, ref_absmax)
+    # the same nearest entry, but for values on a midpoint between two entries (fp rounding)
+    assert (codes != ref_codes).float().mean().item() < 1e-4
+    assert torch.equal(quant8.dequantize(ref_codes, absmax, signed),
+                       quant8.dequantize_torch(ref_codes, absmax, signed).cuda())
+    assert torch.all(quant8.dequantize(codes, absmax, signed)[:quant8.CHUNK] == 0)

@@ -12,7 +12,9 @@ from tests.optim.test_blockllm import train_block
 def test_codebooks_fit_a_byte_and_cover_the_range():
     for signed in (True, False):
         book = quant8.dynamic_codebook(signed)
-        assert book.numel() <= 256 and torch.all(book[1:] > book[:-1])
+        distinct = book.unique()
+        assert book.numel() == 256 and torch.all(book[1:] >= book[:-1])
+        assert distinct.numel() == (255 if signed else 256)  # signed: 1.0 twice (bitsandbytes' 256)
         assert book.max() == 1.0 and book.min() == (-1.0 if signed else 0.0) and 0.0 in book
 
 
@@ -32,6 +34,21 @@ def test_round_trip_error_is_within_half_a_codebook_step(signed):
     assert half_gap <= (0.0071 if signed else 0.0036)
     # exact where the codebook is exact: zero and each chunk's absmax
     assert torch.all(y[x == 0] == 0)
+
+
+def test_bitsandbytes_cpu_kernel_is_not_used_because_it_misses_zero():
+    """Why the CPU path stays pure torch: bitsandbytes' CPU kernel, given the same codebook, does
+    not give back an exact zero (a zero moment, e.g. an embedding row never seen, would move).
+    If a bitsandbytes release fixes this, this test fails: then use its CPU kernel too."""
+    bnb = pytest.importorskip("bitsandbytes.functional", reason="needs bitsandbytes")
+    assert not quant8.uses_bitsandbytes(torch.device("cpu"))
+    x = torch.zeros(quant8.CHUNK)
+    x[0] = 1.0  # one chunk: absmax 1, the rest exact zeros
+    codes, state = bnb.quantize_blockwise(x, code=quant8.dynamic_codebook(True), blocksize=quant8.CHUNK)
+    theirs = bnb.dequantize_blockwise(codes, state)
+    ours = quant8.dequantize(*quant8.quantize(x, True), True)
+    assert torch.equal(ours, x)
+    assert (theirs[1:] != 0).all()
 
 
 def test_eight_bit_moments_track_fp32_moments():
