@@ -1,4 +1,5 @@
-"""The training loop. `launch/pretrain.py` calls `main()`; the whole step is in `train()`."""
+"""Pretraining. `launch/pretrain.py` calls `main()`; `train()` builds the run and hands it to the
+loop (scaletrain.loop: the step; its hooks here: metrics, eval, checkpoints, heatmap)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,6 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +22,13 @@ from scaletrain.data import CorruptShardError, DataPathError, load_tokenizer
 from scaletrain.data.pipeline import train_loader, validation_batches
 from scaletrain.distributed.engines import (build_engine, check_zero_stage, local_shard, nan_grad_steps, resolve_precision,
                                      shard_model)
-from scaletrain.distributed.runtime import (DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
-                                     init_distributed, is_peer_failure, lost_rank_message,
-                                     resolve_backend, shutdown)
+from scaletrain.distributed.runtime import (DistContext, all_reduce_max, all_reduce_sum, init_distributed,
+                                            resolve_backend)
+from scaletrain.loop import Progress, RankLostError, Step, StepOut, closing_run, due, run
 from scaletrain.metrics import (MetricsWriter, ProgressBar, peak_flops, peak_memory_bytes, selection_heatmap,
                                 train_flops_per_token)
 from scaletrain.models.llama import build_model, causal_lm_loss, compile_layers, count_params
-from scaletrain.nonfinite import NonFiniteError, SkippedSteps
+from scaletrain.nonfinite import NonFiniteError
 from scaletrain.optim import build_optimizer
 from scaletrain.optim.schedule import build_scheduler
 from scaletrain.optim.selecting import SelectsBlocks
@@ -36,10 +36,6 @@ from scaletrain.run_dir import agree_on_run_dir, choose_run_dir, setup_logging
 
 log = logging.getLogger("scaletrain")
 HEATMAP_EVERY_SELECTIONS = 10
-
-
-class RankLostError(RuntimeError):
-    """A collective failed because another rank died or did not answer within collective_timeout_s."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,13 +88,6 @@ def optimizer_state_bytes(optimizer) -> int:
     inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wraps the client optimizer
     return sum(t.numel() * t.element_size() for s in inner.state.values()
                for t in s.values() if torch.is_tensor(t))
-
-
-def selection_pass(engine, optimizer, batches: list[torch.Tensor], device, step: int) -> None:
-    """One backward with every block trainable, to measure fresh gradient norms for selection."""
-    with optimizer.selection_pass(engine.grad_leaves(), step=step):
-        for mb in batches:
-            causal_lm_loss(engine.module, mb.to(device)).backward()
 
 
 def find_resume_checkpoint(cfg, run_dir, ctx) -> Path | None:
@@ -185,11 +174,6 @@ def optimizer_shard(engine, optimizer) -> tuple[dict, dict]:
     return ckpt.optimizer_shard(optimizer, engine.module)
 
 
-@dataclass
-class Progress:
-    step: int = 0  # the step being trained, numbered as in metrics.jsonl; 0 before the first
-
-
 def train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None = None) -> None:
     """given: the config keys set explicitly (None: all); on resume the rest come from the checkpoint.
     However the run ends, metrics, the background saver and the process group are closed; a
@@ -197,19 +181,8 @@ def train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None = None) -
     backend = resolve_backend(cfg.backend)
     ctx = init_distributed(backend, cfg.collective_timeout_s)
     progress = Progress()
-    finished = False
-    try:
-        with contextlib.ExitStack() as closing:
-            _train(cfg, run_dir, given, backend, ctx, closing, progress)
-        finished = True
-    except RuntimeError as e:
-        if ctx.world_size > 1 and is_peer_failure(e):
-            message = lost_rank_message(ctx, progress.step, e)
-            log.error("%s", message)
-            raise RankLostError(message) from e
-        raise
-    finally:
-        shutdown(clean=finished)
+    with closing_run(ctx, progress) as closing:
+        _train(cfg, run_dir, given, backend, ctx, closing, progress)
 
 
 def _train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None, backend: str, ctx: DistContext,
@@ -239,7 +212,6 @@ def _train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None, backend
     optimizer, syncs_grads = build_optimizer(cfg.optim, model, float(ds_config.get("gradient_clipping", 0.0)))
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
     engine = build_engine(backend, model, optimizer, scheduler, ds_config, ctx, syncs_grads)
-    is_block = isinstance(optimizer, SelectsBlocks)
 
     loader = train_loader(cfg.data, tokenizer, micro, accum, ctx.rank, ctx.world_size, ctx.device)
     val_batches = validation_batches(cfg.data, tokenizer, cfg.train.eval_windows, ctx.rank,
@@ -261,42 +233,34 @@ def _train(cfg: RunConfig, run_dir: Path | None, given: set[str] | None, backend
     data_waits: list[float] = []
     heatmap_at = 0
     row: dict = {}
-    poison_at = nan_grad_steps(ctx.rank)
-    skipped = SkippedSteps(cfg.train.max_skipped_steps)
-    for step in range(start, cfg.train.steps):
-        progress.step = step + 1
-        t0 = time.perf_counter()  # the step's time includes waiting for data: a starved GPU shows
-        batches = loader.next_step()
-        data_waits.append(time.perf_counter() - t0)
-        if is_block and optimizer.wants_selection(step):
-            selection_pass(engine, optimizer, batches, ctx.device, step)
-        loss = all_reduce_mean(engine.train_step(batches, poison=step + 1 in poison_at), ctx)
-        skipped.record(step + 1, engine.step_skipped, loss)
-        if is_block and not engine.step_skipped:
-            optimizer.record_loss(loss)
-        dt = time.perf_counter() - t0
-        step_times.append(dt)
-        bar.update(loss, tokens_per_step / dt)
-        done = step + 1
-        row = {"loss": loss}
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+
+    def after_step(out: StepOut) -> None:  # metrics every log_every, eval, checkpoint, heatmap
+        nonlocal step_times, data_waits, heatmap_at, row
+        step_times.append(out.seconds)
+        data_waits.append(out.data_wait_s)
+        bar.update(out.loss, tokens_per_step / out.seconds)
+        done, last = out.step, cfg.train.steps
+        row = {"loss": out.loss}
+        if due(done, cfg.train.log_every, last):
             row.update(_step_metrics(cfg, engine, optimizer, loader, ctx, done, tokens_per_step,
                                      step_times, n_params), data_wait_s=sum(data_waits) / len(data_waits))
-            row["skipped_steps"] = skipped.total
+            row["skipped_steps"] = train_step.skipped.total
             step_times, data_waits = [], []
-        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
+        if due(done, cfg.train.eval_every, last):
             eval_loss = evaluate(engine.module, val_batches, ctx)
             row.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50.0)))
         if len(row) > 1:
             metrics.log(done, row)
-        every = cfg.checkpoint.every_steps
-        if every >= 0 and ((every and done % every == 0) or done == cfg.train.steps):
+        if cfg.checkpoint.every_steps >= 0 and due(done, cfg.checkpoint.every_steps, last):
             save(cfg, run_dir, done, ctx, engine, optimizer, scheduler, loader, ds_config, saver)
-        n_sel = len(optimizer.selection_history) if is_block else 0
-        if n_sel and (done == cfg.train.steps or (n_sel > heatmap_at and n_sel % HEATMAP_EVERY_SELECTIONS == 0)):
+        n_sel = len(optimizer.selection_history) if train_step.selects else 0
+        if n_sel and (done == last or (n_sel > heatmap_at and n_sel % HEATMAP_EVERY_SELECTIONS == 0)):
             heatmap_at = n_sel
             metrics.figure("selection_heatmap",
                            selection_heatmap(optimizer.layer_names, optimizer.selection_history), done)
+
+    train_step = Step(engine, optimizer, ctx, causal_lm_loss, cfg.train.max_skipped_steps, nan_grad_steps(ctx.rank))
+    run(train_step, loader.next_step, start, cfg.train.steps, [after_step], progress)
     bar.close()
     if saver is not None:
         saver.wait()  # the last checkpoint is committed before we report done

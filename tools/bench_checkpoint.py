@@ -57,12 +57,10 @@ def _engine(preset: str, optim: str, world: int, tokenizer: str):
 def _train_one_step(engine, optimizer, ctx, vocab: int) -> None:
     import torch
 
-    from scaletrain.trainer import selection_pass
+    from scaletrain.loop import Step
 
     batches = [torch.randint(0, vocab, (1, SEQ + 1), generator=torch.Generator().manual_seed(ctx.rank))]
-    if hasattr(optimizer, "selection_pass") and optimizer.wants_selection(0):
-        selection_pass(engine, optimizer, batches, ctx.device)
-    engine.train_step(batches)
+    Step(engine, optimizer, ctx)(0, batches)  # the trainer's step (a selection pass first, if wanted)
 
 
 def _measure(fn):

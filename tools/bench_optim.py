@@ -8,9 +8,10 @@ another, on the same global batch and initial weights. adamw/zero1/zero2 are tor
 DeepSpeed at ZeRO stage 0/1/2 (plain PyTorch at one rank for adamw); block is the block optimizer
 (owner-sharded state); block_galore(_8bit), block_gradnorm_lorp add low-rank states (and 8-bit
 moments) inside the selected blocks; galore and gradnorm_lorp are the dense modes (every block);
-galore_torch is galore-torch's GaLoreAdamW, the external reference. Times are medians after warm-up, as ratios to adamw from the same
-invocation; steps that ran a selection pass or a GaLore basis refit (SVD) are timed apart. Optimizer-state bytes are exact
-(summed over state tensors), per rank. wire_bytes_ratio compares the optimizer's counted bytes per
+galore_torch is galore-torch's GaLoreAdamW, the external reference. The step is the trainer's
+(scaletrain.loop). Times are medians after warm-up, as ratios to adamw from the same invocation;
+steps that ran a selection pass or a GaLore basis refit (SVD) are timed apart. Optimizer-state
+bytes are exact (summed over state tensors), per rank. wire_bytes_ratio compares the optimizer's counted bytes per
 step with a DDP all-reduce of all gradients (2 (W-1)/W x 4 bytes x parameters per rank); DeepSpeed's
 own collectives are not counted (None).
 """
@@ -20,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,7 +38,8 @@ from tools.local_ranks import run_ranks  # noqa: E402
 from scaletrain.models.llama import build_model, count_params  # noqa: E402
 from scaletrain.optim import build_optimizer  # noqa: E402
 from scaletrain.optim.schedule import build_scheduler  # noqa: E402
-from scaletrain.trainer import optimizer_state_bytes, selection_pass  # noqa: E402
+from scaletrain.loop import Step, StepOut, run  # noqa: E402
+from scaletrain.trainer import optimizer_state_bytes  # noqa: E402
 
 MODES = {  # optimizer config and the ZeRO stage DeepSpeed runs it at
     "adamw": ({"name": "adamw"}, 0),
@@ -81,19 +82,15 @@ def run_mode(mode: str, args) -> dict:
     engine = (DeepSpeedEngine if use_ds else SingleEngine)(model, optimizer, scheduler, ds, ctx, syncs)
     loader = TrainWindowLoader(c4_source("local", None), tok, args.seq_len, args.micro // world, 1, rank, world)
     steady, selection, svd, losses = [], [], [], []
-    for step in range(args.steps):
-        dist.barrier()
-        t0 = time.perf_counter()  # whole steps: loading the batch included
-        batches = loader.next_step()
-        selecting = isinstance(optimizer, SelectsBlocks) and optimizer.wants_selection(step)
-        refits_before = refits(optimizer)
-        if selecting:
-            selection_pass(engine, optimizer, batches, ctx.device, step)
-        losses.append(engine.train_step(batches))
-        if isinstance(optimizer, SelectsBlocks):
-            optimizer.record_loss(losses[-1])
-        refitted = refits(optimizer) > refits_before or (mode == "galore_torch" and step % 200 == 0)
-        (selection if selecting else svd if refitted else steady).append(time.perf_counter() - t0)
+    refits_so_far = [refits(optimizer)]
+
+    def timed(out: StepOut) -> None:  # whole steps (loading the batch included), by kind
+        losses.append(out.loss)
+        refitted = refits(optimizer) > refits_so_far[-1] or (mode == "galore_torch" and (out.step - 1) % 200 == 0)
+        refits_so_far.append(refits(optimizer))
+        (selection if out.selected else svd if refitted else steady).append(out.seconds)
+
+    run(Step(engine, optimizer, ctx), loader.next_step, 0, args.steps, [timed], barrier=True)
     n_params = count_params(model)
     state = optimizer_state_bytes(engine.optimizer if stage else optimizer)
     wire = optimizer.stats()["wire_bytes"] if isinstance(optimizer, SelectsBlocks) else None
