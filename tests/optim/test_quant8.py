@@ -36,6 +36,22 @@ def test_round_trip_error_is_within_half_a_codebook_step(signed):
     assert torch.all(y[x == 0] == 0)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_table_lookup_gives_the_binary_search_codes(signed):
+    """nearest_codes (the lookup) against torch.bucketize over the midpoints, on values of every
+    magnitude, the codebook entries, the midpoints themselves (ties go to the lower entry) and the
+    float neighbours of each midpoint."""
+    torch.manual_seed(0)
+    x = torch.rand(200_000) * torch.logspace(-12, 0, 200_000)
+    mids = quant8._midpoints(signed)
+    x = torch.cat([x, quant8.dynamic_codebook(signed), mids, torch.nextafter(mids, torch.tensor(2.0)),
+                   torch.nextafter(mids, torch.tensor(-2.0)), torch.tensor([0.0, 1.0])])
+    if signed:
+        x = torch.cat([x, -x])
+    x = x.clamp(-1.0 if signed else 0.0, 1.0)
+    assert torch.equal(quant8.nearest_codes(x, signed), torch.bucketize(x, mids))
+
+
 def test_bitsandbytes_cpu_kernel_is_not_used_because_it_misses_zero():
     """Why the CPU path stays pure torch: bitsandbytes' CPU kernel, given the same codebook, does
     not give back an exact zero (a zero moment, e.g. an embedding row never seen, would move).
