@@ -53,8 +53,8 @@ def _midpoints(signed: bool) -> torch.Tensor:
     return (book[1:] + book[:-1]) / 2
 
 
-# The nearest entry by table lookup instead of a binary search (torch.bucketize: 4x slower on
-# CPU): the top 32 - _KEY_SHIFT bits of a float32 (sign, exponent, 9 mantissa bits) name a bucket
+# The nearest entry by table lookup instead of a binary search (torch.bucketize; speeds in the
+# README, from tools/bench_quant8.py): the top 32 - _KEY_SHIFT bits of a float32 (sign, exponent, 9 mantissa bits) name a bucket
 # narrower (2^-9 relative) than any gap between neighbouring midpoints (>= 0.7% relative), so a
 # bucket holds at most one midpoint: the code of its smallest value, plus one above that midpoint.
 _KEY_SHIFT = 14
@@ -76,7 +76,7 @@ def _lookup(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Ten
 
 def nearest_codes(normed: torch.Tensor, signed: bool) -> torch.Tensor:
     """uint8 index of the nearest codebook entry for values in [-1, 1] (ties to the lower entry):
-    torch.bucketize(normed, midpoints), by table lookup (int32 keys, index_select: 4x faster)."""
+    torch.bucketize(normed, midpoints), by table lookup (int32 keys through index_select)."""
     codes, above = _lookup(signed, normed.device)
     flat = normed.contiguous().view(-1)
     key = (flat.view(torch.int32) >> _KEY_SHIFT) & ((1 << (32 - _KEY_SHIFT)) - 1)
