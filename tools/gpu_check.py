@@ -207,6 +207,8 @@ def main(argv=None) -> dict:
                    help="cpu: a dry run at tiny sizes (hides any GPU from the runs)")
     p.add_argument("--out", type=Path, default=Path("runs/gpu_check"))
     p.add_argument("--parts", default="speed,speed_ac,7b,resume,tests")
+    p.add_argument("--speed_modes", default=None,
+                   help="comma-separated bench_train modes for the speed part (default: all six)")
     p.add_argument("--budget_s", type=float, default=480.0,
                    help="the whole check's time limit (s), shared between the parts")
     args = p.parse_args(argv)
@@ -215,6 +217,11 @@ def main(argv=None) -> dict:
     elif not torch.cuda.is_available():
         p.error("no CUDA device is visible: run on a GPU machine, or pass --device cpu for a dry run")
     settings = cpu_settings() if args.device == "cpu" else gpu_settings()
+    if args.speed_modes:
+        unknown = [m for m in args.speed_modes.split(",") if m not in bench_train.MODES]
+        if unknown:
+            p.error(f"unknown --speed_modes {unknown}; choose from {sorted(bench_train.MODES)}")
+        settings["speed"]["modes"] = args.speed_modes.split(",")
     parts = args.parts.split(",")
     unknown = [x for x in parts if x not in ("speed", "speed_ac", "7b", "resume", "tests")]
     if unknown:
