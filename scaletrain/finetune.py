@@ -27,11 +27,12 @@ import torch
 import yaml
 
 from scaletrain import checkpoint as ckpt
-from scaletrain.config import ConfigError, load_ds_config
+from scaletrain.config_fields import ConfigError
 from scaletrain.data import CorruptShardError, DataPathError
 from scaletrain.data.tasks import ExampleLoader, Task, TaskDataError, check_fields, load_rows, make_batch
 from scaletrain.distributed.engines import build_engine, nan_grad_steps, resolve_precision
 from scaletrain.distributed.runtime import DistContext, all_reduce_max, init_distributed, resolve_backend
+from scaletrain.ds_config import load_ds_config
 from scaletrain.finetune_config import ZO, FinetuneConfig, help_text, load_finetune_config, to_dict
 from scaletrain.finetune_model import ModelSource, evaluate, load_model, resolve_model, task_loss
 from scaletrain.finetune_zo import ZOStep, build_zo, load_mask, zo_step  # noqa: F401 (zo_step: tests)
