@@ -9,8 +9,9 @@ Every run is a normal `launch/pretrain.py` run with the same trainer, data order
 file order, never repeated within ~50M tokens), schedule (warm-up 5% of the steps, then cosine to
 train.min_lr_ratio, GaLore's recipe), batch (the deepspeed_config's) and held-out set (the shipped
 C4 validation sample); a seed sets the model's initialisation. Only the optimizer options of the
-mode (the MODES table) and the peak LR differ. The training text defaults to the English
-Wikipedia text in ../shared/data/wiki/ (read by path; CC BY-SA 3.0, see README).
+mode (tools/modes.py, with this protocol's additions in MODES) and the peak LR differ. The
+training text defaults to the English Wikipedia text in ../shared/data/wiki/ (read by path;
+CC BY-SA 3.0, see README).
 
 Outputs under --out: one run directory per (mode, LR, seed), `<mode>_lr<lr>_s<seed>`, reused when
 complete and trained with the same options (a rerun adds only what is missing; a killed protocol
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from scaletrain.config import ConfigError, load_config  # noqa: E402
+from tools.modes import MODES as TRAINER_MODES  # noqa: E402
 
 PRETRAIN = REPO / "launch" / "pretrain.py"
 DEFAULT_DATA = "../shared/data/wiki/enwiki2015-train-50m.jsonl.gz"  # relative to the repo root
@@ -62,24 +64,22 @@ def blockllm_options() -> tuple[str, ...]:
     return ("--optim.name", "block", "--optim.always_train", "[]", "--optim.inactive", "none")
 
 
-# The one table of modes. optim.always_train / optim.inactive are the block optimizer's kinds of
-# parameters (issue 15): always trained with Adam (default embedding, head, norms), and what the
-# unselected blocks do (none: frozen; sign: signSGD).
+# The modes this protocol runs: their options are tools.modes' (the one table), plus what is this
+# protocol's own: the peak LR without a grid, a description, GaLore's recipe at this size, and for
+# blockllm the whole paper config (density, patience, ...), not only tools.modes' block rule.
 GALORE_RECIPE = ("--optim.rank", "64", "--optim.proj_scale", "0.25")  # GaLore's at this size
 MODES: dict[str, Mode] = {
-    "adamw": Mode(("--optim.name", "adamw"), 1e-3, "AdamW (torch), the reference"),
-    "galore_torch": Mode(("--optim.name", "galore_torch") + GALORE_RECIPE, 1e-2,
+    "adamw": Mode(TRAINER_MODES["adamw"], 1e-3, "AdamW (torch), the reference"),
+    "galore_torch": Mode(TRAINER_MODES["galore_torch"] + GALORE_RECIPE, 1e-2,
                          "galore-torch's GaLoreAdamW, rank 64, scale 0.25"),
-    "galore": Mode(("--optim.name", "galore") + GALORE_RECIPE, 1e-2, "our dense GaLore, rank 64, scale 0.25"),
+    "galore": Mode(TRAINER_MODES["galore"] + GALORE_RECIPE, 1e-2, "our dense GaLore, rank 64, scale 0.25"),
     "blockllm": Mode(blockllm_options(), 1e-3, "BlockLLM's published defaults"),
-    "block": Mode(("--optim.name", "block"), 1e-3,
+    "block": Mode(TRAINER_MODES["block"], 1e-3,
                   "the default: embedding/head/norms always Adam; Adam on 5% of the body, reselected "
                   "every 50 steps; signSGD on the rest"),
-    "block_8bit": Mode(("--optim.name", "block", "--optim.eight_bit", "true"), 1e-3,
-                       "the default with 8-bit moments"),
-    "block_frozen": Mode(("--optim.name", "block", "--optim.inactive", "none"), 1e-3,
-                         "the default with the rest frozen (no sign step)"),
-    "block_noalways": Mode(("--optim.name", "block", "--optim.always_train", "[]"), 1e-3,
+    "block_8bit": Mode(TRAINER_MODES["block_8bit"], 1e-3, "the default with 8-bit moments"),
+    "block_frozen": Mode(TRAINER_MODES["block_frozen"], 1e-3, "the default with the rest frozen (no sign step)"),
+    "block_noalways": Mode(TRAINER_MODES["block_noalways"], 1e-3,
                            "the default with embedding/head/norms competing for selection"),
 }
 
