@@ -27,17 +27,18 @@ import torch
 import yaml
 
 from scaletrain import checkpoint as ckpt
-from scaletrain.config import ConfigError, load_ds_config
+from scaletrain.config_fields import ConfigError
 from scaletrain.data import CorruptShardError, DataPathError
 from scaletrain.data.tasks import ExampleLoader, Task, TaskDataError, check_fields, load_rows, make_batch
-from scaletrain.distributed.engines import build_engine, nan_grad_steps, resolve_precision
+from scaletrain.distributed.engines import build_engine, resolve_precision
 from scaletrain.distributed.runtime import DistContext, all_reduce_max, init_distributed, resolve_backend
+from scaletrain.ds_config import load_ds_config
 from scaletrain.finetune_config import ZO, FinetuneConfig, help_text, load_finetune_config, to_dict
 from scaletrain.finetune_model import ModelSource, evaluate, load_model, resolve_model, task_loss
 from scaletrain.finetune_zo import ZOStep, build_zo, load_mask, zo_step  # noqa: F401 (zo_step: tests)
 from scaletrain.loop import Progress, RankLostError, Step, StepOut, closing_run, due, run
 from scaletrain.metrics import MetricsWriter, ProgressBar, peak_memory_bytes
-from scaletrain.nonfinite import NonFiniteError
+from scaletrain.nonfinite import NonFiniteError, nan_grad_steps
 from scaletrain.optim import build_optimizer
 from scaletrain.optim.schedule import build_scheduler
 from scaletrain.optim.selecting import SelectsBlocks

@@ -1,5 +1,5 @@
 """The fine-tuning run configuration (`launch/finetune.py`): typed dataclasses, a YAML/JSON file and
-dotted CLI overrides, with the pretraining config's machinery (scaletrain.config) and its rules:
+dotted CLI overrides, with the pretraining config's machinery (scaletrain.config_parse) and its rules:
 every field documented (`--help`), a misspelt key or bad value is a ConfigError naming the field
 (exit 2 before anything starts). `optim` is the pretraining OptimConfig, so every optimizer of the
 registry (scaletrain.optim.OPTIMIZERS) fine-tunes too; `optim.name zo` selects zeroth-order
@@ -11,8 +11,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaletrain.config import (CheckpointConfig, OptimConfig, TrainArgs, build_config, check_checkpoint, check_choices,
-                               check_optim, check_train_args, config_help, doc, load_ds_config, require)
+from scaletrain.checkpoint.config import CheckpointConfig, check_checkpoint
+from scaletrain.config_fields import doc, require
+from scaletrain.config_parse import build_config, check_choices, config_help
+from scaletrain.ds_config import load_ds_config
+from scaletrain.optim.config import OptimConfig, check_optim
+from scaletrain.train_args import TrainArgs, check_train_args
 
 ZO = "zo"
 HINTS = {

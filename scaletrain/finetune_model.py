@@ -11,10 +11,11 @@ import torch.nn.functional as F
 import yaml
 
 from scaletrain import checkpoint as ckpt
-from scaletrain.config import ConfigError, resolve_path
+from scaletrain.config_fields import ConfigError
 from scaletrain.data import load_tokenizer
 from scaletrain.data.tasks import Batch, Task, make_batch
 from scaletrain.distributed.runtime import DistContext, all_reduce_sum
+from scaletrain.ds_config import resolve_path
 from scaletrain.models.llama import PRESETS, llama_config
 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

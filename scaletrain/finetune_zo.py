@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from scaletrain import checkpoint as ckpt
-from scaletrain.config import ConfigError, resolve_path
+from scaletrain.config_fields import ConfigError
 from scaletrain.data import c4_source, eval_windows
 from scaletrain.data.tasks import Batch, Task
 from scaletrain.distributed.runtime import DistContext, all_reduce_sum
+from scaletrain.ds_config import resolve_path
 from scaletrain.finetune_config import FinetuneConfig
 from scaletrain.finetune_model import task_loss
 from scaletrain.loop import StepOut

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from scaletrain.config import ConfigError
+from scaletrain.config_fields import ConfigError
 from scaletrain.distributed.runtime import DistContext
 
 

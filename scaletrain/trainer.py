@@ -20,15 +20,14 @@ from scaletrain.config import (ConfigError, RunConfig, given_keys, help_text, lo
                                resumed_config, to_dict)
 from scaletrain.data import CorruptShardError, DataPathError, load_tokenizer
 from scaletrain.data.pipeline import train_loader, validation_batches
-from scaletrain.distributed.engines import (build_engine, check_zero_stage, local_shard, nan_grad_steps, resolve_precision,
-                                     shard_model)
+from scaletrain.distributed.engines import build_engine, check_zero_stage, resolve_precision, shard_model
 from scaletrain.distributed.runtime import (DistContext, all_reduce_max, all_reduce_sum, init_distributed,
                                             resolve_backend)
 from scaletrain.loop import Progress, RankLostError, Step, StepOut, closing_run, due, run
 from scaletrain.metrics import (MetricsWriter, ProgressBar, peak_flops, peak_memory_bytes, selection_heatmap,
                                 train_flops_per_token)
 from scaletrain.models.llama import build_model, causal_lm_loss, compile_layers, count_params
-from scaletrain.nonfinite import NonFiniteError
+from scaletrain.nonfinite import NonFiniteError, local_shard, nan_grad_steps
 from scaletrain.optim import build_optimizer
 from scaletrain.optim.schedule import build_scheduler
 from scaletrain.optim.selecting import SelectsBlocks

@@ -29,32 +29,39 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scaletrain.config import OptimConfig  # noqa: E402
+from scaletrain.config_parse import coerce, field_type  # noqa: E402
 from scaletrain.data import TrainWindowLoader, c4_source, load_tokenizer  # noqa: E402
 from scaletrain.distributed.engines import DeepSpeedEngine, SingleEngine  # noqa: E402
 from scaletrain.distributed.runtime import DistContext, all_reduce_max, all_reduce_sum  # noqa: E402
 from scaletrain.metrics import peak_memory_bytes  # noqa: E402
 from scaletrain.optim.selecting import SelectsBlocks  # noqa: E402
 from tools.local_ranks import run_ranks  # noqa: E402
+from tools.modes import MODES as TRAINER_MODES  # noqa: E402  (the one table of modes)
+from tools.modes import optim_overrides  # noqa: E402
 from scaletrain.models.llama import build_model, count_params  # noqa: E402
 from scaletrain.optim import build_optimizer  # noqa: E402
 from scaletrain.optim.schedule import build_scheduler  # noqa: E402
 from scaletrain.loop import Step, StepOut, run  # noqa: E402
 from scaletrain.trainer import optimizer_state_bytes  # noqa: E402
 
-MODES = {  # optimizer config and the ZeRO stage DeepSpeed runs it at
-    "adamw": ({"name": "adamw"}, 0),
-    "zero1": ({"name": "adamw"}, 1),
-    "zero2": ({"name": "adamw"}, 2),
-    "galore_torch": ({"name": "galore_torch"}, 0),  # galore-torch's GaLoreAdamW (needs whole weights: stage 0)
-    "galore": ({"name": "galore"}, 2),
-    "gradnorm_lorp": ({"name": "gradnorm_lorp"}, 2),
-    "block": ({"name": "block"}, 2),  # the default: always-trained Adam + 5% Adam + signSGD rest
-    "block_8bit": ({"name": "block", "eight_bit": True}, 2),
-    "blockllm": ({"name": "block", "frozen_patterns": ["embed", "lm_head"], "always_train": [],
-                  "inactive": "none", "reselect_every": 0}, 2),  # configs/blockllm_paper.yaml's rule
-    "block_galore": ({"name": "block", "projection": "galore"}, 2),
-    "block_galore_8bit": ({"name": "block", "projection": "galore", "eight_bit": True}, 2),
-    "block_gradnorm_lorp": ({"name": "block", "projection": "gradnorm_lorp"}, 2),
+# bench_optim's own: the ZeRO stage DeepSpeed runs each mode at (2, the block optimizer's owner
+# layout, unless named: galore-torch needs whole weights) and zero1/zero2, AdamW at stages 1 and 2.
+ZERO_STAGE = {"adamw": 0, "zero1": 1, "zero2": 2, "galore_torch": 0}
+SAME_OPTIMIZER_AS = {"zero1": "adamw", "zero2": "adamw"}
+
+
+def _optim_kwargs(mode: str) -> dict | None:
+    """OptimConfig keyword arguments of a tools.modes mode, typed as the trainer types them from the
+    command line; None for a mode that is more than an optimizer (e.g. model.compile)."""
+    overrides = optim_overrides(mode)
+    if overrides is None:
+        return None
+    return {key: coerce(f"optim.{key}", value, field_type(OptimConfig, key)) for key, value in overrides.items()}
+
+
+MODES = {  # mode -> (OptimConfig keyword arguments, ZeRO stage)
+    mode: (_optim_kwargs(SAME_OPTIMIZER_AS.get(mode, mode)), ZERO_STAGE.get(mode, 2))
+    for mode in [*TRAINER_MODES, *SAME_OPTIMIZER_AS] if _optim_kwargs(SAME_OPTIMIZER_AS.get(mode, mode)) is not None
 }
 
 

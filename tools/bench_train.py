@@ -20,21 +20,11 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PRETRAIN = str(REPO / "launch" / "pretrain.py")
+sys.path.insert(0, str(REPO))
 
-MODES = {
-    "adamw": ["--optim.name", "adamw"],
-    "adamw_compiled": ["--optim.name", "adamw", "--model.compile", "true"],
-    "block_compiled": ["--optim.name", "block", "--model.compile", "true"],
-    "block": ["--optim.name", "block"],
-    "block_frozen": ["--optim.name", "block", "--optim.inactive", "none"],  # unselected blocks skip weight grads
-    "block_galore": ["--optim.name", "block", "--optim.projection", "galore"],
-    "block_galore_8bit": ["--optim.name", "block", "--optim.projection", "galore", "--optim.eight_bit", "true"],
-    "block_galore_8bit_frozen": ["--optim.name", "block", "--optim.projection", "galore", "--optim.eight_bit", "true",
-                                 "--optim.inactive", "none"],
-    "galore": ["--optim.name", "galore"],
-    "gradnorm_lorp": ["--optim.name", "gradnorm_lorp"],
-}
+from tools.modes import MODES  # noqa: E402  (the one table of modes, shared with the other tools)
+
+PRETRAIN = str(REPO / "launch" / "pretrain.py")
 
 
 def launcher_cmd(launcher: str, nproc: int) -> list[str]:
@@ -53,7 +43,7 @@ def run_mode(mode: str, args, out_root: Path, timeout_s: float | None = None) ->
         "--train.steps", str(args.steps), "--train.log_every", str(args.log_every),
         "--train.warmup_steps", "0", "--train.eval_windows", "8", "--checkpoint.every_steps", "-1",
         "--model.activation_checkpointing", str(args.activation_checkpointing).lower(),
-    ] + MODES[mode] + args.extra
+    ] + list(MODES[mode]) + args.extra
     try:
         proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -9,8 +9,9 @@ Every run is a normal `launch/pretrain.py` run with the same trainer, data order
 file order, never repeated within ~50M tokens), schedule (warm-up 5% of the steps, then cosine to
 train.min_lr_ratio, GaLore's recipe), batch (the deepspeed_config's) and held-out set (the shipped
 C4 validation sample); a seed sets the model's initialisation. Only the optimizer options of the
-mode (the MODES table) and the peak LR differ. The training text defaults to the English
-Wikipedia text in ../shared/data/wiki/ (read by path; CC BY-SA 3.0, see README).
+mode (tools/modes.py, with this protocol's additions in MODES) and the peak LR differ. The
+training text defaults to the English Wikipedia text in ../shared/data/wiki/ (read by path;
+CC BY-SA 3.0, see README).
 
 Outputs under --out: one run directory per (mode, LR, seed), `<mode>_lr<lr>_s<seed>`, reused when
 complete and trained with the same options (a rerun adds only what is missing; a killed protocol
@@ -18,31 +19,32 @@ resumes, restarting the runs it interrupted), `results.json` (every figure), `re
 mode: the LR with the best mean held-out loss over seeds, its loss per seed, the gap to AdamW's best
 in nats, state bytes per parameter, step time including data relative to AdamW, wire bytes),
 `loss.png` (held-out loss vs tokens, best LR per mode, mean over seeds) and `pareto.png` (final
-held-out loss vs optimizer-state bytes per parameter).
+held-out loss vs optimizer-state bytes per parameter). This module plans and trains the runs; the
+figures, table and plots are tools/quality_report.py's.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from scaletrain.config import ConfigError, load_config  # noqa: E402
+from tools.modes import MODES as TRAINER_MODES  # noqa: E402
+from tools.quality_report import (compare_with_reference, plot_loss, plot_pareto, plot_title,  # noqa: E402
+                                  read_metrics, results_table, summarize_mode, summarize_run)
 
 PRETRAIN = REPO / "launch" / "pretrain.py"
 DEFAULT_DATA = "../shared/data/wiki/enwiki2015-train-50m.jsonl.gz"  # relative to the repo root
 WARMUP_FRACTION = 0.05  # GaLore's recipe: linear warm-up over 5% of the steps, then cosine
 MARKER = "quality_run.json"  # in each run directory: the options it was trained with
-REFERENCE = "adamw"
 
 
 @dataclass(frozen=True)
@@ -62,24 +64,22 @@ def blockllm_options() -> tuple[str, ...]:
     return ("--optim.name", "block", "--optim.always_train", "[]", "--optim.inactive", "none")
 
 
-# The one table of modes. optim.always_train / optim.inactive are the block optimizer's kinds of
-# parameters (issue 15): always trained with Adam (default embedding, head, norms), and what the
-# unselected blocks do (none: frozen; sign: signSGD).
+# The modes this protocol runs: their options are tools.modes' (the one table), plus what is this
+# protocol's own: the peak LR without a grid, a description, GaLore's recipe at this size, and for
+# blockllm the whole paper config (density, patience, ...), not only tools.modes' block rule.
 GALORE_RECIPE = ("--optim.rank", "64", "--optim.proj_scale", "0.25")  # GaLore's at this size
 MODES: dict[str, Mode] = {
-    "adamw": Mode(("--optim.name", "adamw"), 1e-3, "AdamW (torch), the reference"),
-    "galore_torch": Mode(("--optim.name", "galore_torch") + GALORE_RECIPE, 1e-2,
+    "adamw": Mode(TRAINER_MODES["adamw"], 1e-3, "AdamW (torch), the reference"),
+    "galore_torch": Mode(TRAINER_MODES["galore_torch"] + GALORE_RECIPE, 1e-2,
                          "galore-torch's GaLoreAdamW, rank 64, scale 0.25"),
-    "galore": Mode(("--optim.name", "galore") + GALORE_RECIPE, 1e-2, "our dense GaLore, rank 64, scale 0.25"),
+    "galore": Mode(TRAINER_MODES["galore"] + GALORE_RECIPE, 1e-2, "our dense GaLore, rank 64, scale 0.25"),
     "blockllm": Mode(blockllm_options(), 1e-3, "BlockLLM's published defaults"),
-    "block": Mode(("--optim.name", "block"), 1e-3,
+    "block": Mode(TRAINER_MODES["block"], 1e-3,
                   "the default: embedding/head/norms always Adam; Adam on 5% of the body, reselected "
                   "every 50 steps; signSGD on the rest"),
-    "block_8bit": Mode(("--optim.name", "block", "--optim.eight_bit", "true"), 1e-3,
-                       "the default with 8-bit moments"),
-    "block_frozen": Mode(("--optim.name", "block", "--optim.inactive", "none"), 1e-3,
-                         "the default with the rest frozen (no sign step)"),
-    "block_noalways": Mode(("--optim.name", "block", "--optim.always_train", "[]"), 1e-3,
+    "block_8bit": Mode(TRAINER_MODES["block_8bit"], 1e-3, "the default with 8-bit moments"),
+    "block_frozen": Mode(TRAINER_MODES["block_frozen"], 1e-3, "the default with the rest frozen (no sign step)"),
+    "block_noalways": Mode(TRAINER_MODES["block_noalways"], 1e-3,
                            "the default with embedding/head/norms competing for selection"),
 }
 
@@ -152,13 +152,6 @@ def check_options(runs: list[Run], args) -> None:
 
 # --------------------------------------------------------------------------- train
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of metrics.jsonl; a last line cut short by a kill is not a row."""
-    path = run_dir / "metrics.jsonl"
-    whole_lines = path.read_text().split("\n")[:-1] if path.exists() else []
-    return [json.loads(line) for line in whole_lines]
-
-
 def is_complete(run_dir: Path, steps: int) -> bool:
     return any(r["step"] == steps and "eval_loss" in r for r in read_metrics(run_dir))
 
@@ -192,168 +185,7 @@ def train(run: Run, args) -> Path:
     return run_dir
 
 
-# --------------------------------------------------------------------------- per-run figures
-
-def interval_mean(rows: list[dict], key: str) -> float | None:
-    """Per-step mean of a per-interval mean logged every log_every steps (intervals weighted by
-    their steps); None if the trainer did not log `key`."""
-    logged = [r for r in rows if key in r]
-    if not logged:
-        return None
-    total, steps, previous = 0.0, 0, 0
-    for r in logged:
-        total += r[key] * (r["step"] - previous)
-        steps += r["step"] - previous
-        previous = r["step"]
-    return total / steps
-
-
-def summarize_run(run: Run, run_dir: Path) -> dict:
-    rows = read_metrics(run_dir)
-    last = [r for r in rows if "n_params" in r][-1]
-    evals = [{"step": r["step"], "tokens": r["tokens"], "eval_loss": r["eval_loss"]}
-             for r in rows if "eval_loss" in r]
-    wire = [r["wire_bytes"] for r in rows if "wire_bytes" in r]
-    return {
-        "name": run.name, "mode": run.mode, "lr": run.lr, "seed": run.seed, "run_dir": str(run_dir),
-        "eval_loss": evals[-1]["eval_loss"], "evals": evals, "tokens": last["tokens"],
-        "n_params": last["n_params"],
-        "state_bytes_per_param": last["optim_state_bytes_total"] / last["n_params"],
-        "state_bytes_per_param_rank_max": last["optim_state_bytes"] / last["n_params"],
-        "step_time_s": interval_mean(rows, "step_time_s"),  # includes waiting for the batch
-        "data_wait_s": interval_mean(rows, "data_wait_s"),
-        "wire_bytes_per_step": mean(wire) if wire else None,
-    }
-
-
-# --------------------------------------------------------------------------- per-mode figures
-
-def mean_or_none(values):
-    return None if any(v is None for v in values) else mean(values)
-
-
-def best_lr(records: list[dict]) -> float:
-    by_lr: dict[float, list[float]] = {}
-    for r in records:
-        by_lr.setdefault(r["lr"], []).append(r["eval_loss"])
-    return min(by_lr, key=lambda lr: mean(by_lr[lr]))
-
-
-def mean_curve(records: list[dict]) -> dict:
-    """Held-out loss at each evaluation, mean over the seeds (all evaluate at the same steps)."""
-    points = list(zip(*[r["evals"] for r in records]))
-    return {"tokens": [p[0]["tokens"] for p in points],
-            "eval_loss": [mean(e["eval_loss"] for e in p) for p in points]}
-
-
-def summarize_mode(records: list[dict]) -> dict:
-    lr = best_lr(records)
-    best = sorted((r for r in records if r["lr"] == lr), key=lambda r: r["seed"])
-    loss = mean(r["eval_loss"] for r in best)
-    return {
-        "lr": lr,
-        "lr_grid": {f"{x:g}": mean(r["eval_loss"] for r in records if r["lr"] == x)
-                    for x in sorted({r["lr"] for r in records})},
-        "eval_loss": loss, "ppl": math.exp(loss),
-        "eval_loss_per_seed": {str(r["seed"]): r["eval_loss"] for r in best},
-        "state_bytes_per_param": mean(r["state_bytes_per_param"] for r in best),
-        "step_time_s": mean_or_none([r["step_time_s"] for r in best]),
-        "wire_bytes_per_step": mean_or_none([r["wire_bytes_per_step"] for r in best]),
-        "curve": mean_curve(best),
-    }
-
-
-def compare_with_reference(modes: dict[str, dict]) -> None:
-    """Adds the gap to AdamW's best LR (nats, mean and per seed) and step time relative to it."""
-    ref = modes.get(REFERENCE)
-    for m in modes.values():
-        if ref is None:
-            m.update(gap_nats=None, gap_nats_per_seed=None, step_time_vs_adamw=None)
-            continue
-        m["gap_nats"] = m["eval_loss"] - ref["eval_loss"]
-        m["gap_nats_per_seed"] = {s: loss - ref["eval_loss_per_seed"][s]
-                                  for s, loss in m["eval_loss_per_seed"].items()}
-        times = (m["step_time_s"], ref["step_time_s"])
-        m["step_time_vs_adamw"] = None if None in times else times[0] / times[1]
-
-
-# --------------------------------------------------------------------------- report
-
-def fmt(value, spec: str, none: str = "-") -> str:
-    return none if value is None else format(value, spec)
-
-
-def milliseconds(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1e3
-
-
-def results_table(protocol: dict, modes: dict[str, dict]) -> str:
-    p = protocol
-    wire_none = "n/a (1 rank)" if p["nproc"] == 1 else "not counted"
-    lines = [
-        f"{p['preset']}, {p['steps']} steps x {p['tokens_per_step']:,} tokens = {p['tokens']:,} tokens "
-        f"({p['nproc']} rank(s)), seeds {p['seeds']}, warm-up {p['warmup_steps']} steps then cosine; "
-        f"training text {Path(p['data']).name}; held-out: {p['eval_windows']} windows of the C4 validation sample.",
-        "Gaps are in nats against AdamW at its best LR (same seed for per-seed gaps); the LR shown is the "
-        "best mean over seeds of the grid (all tried: results.json). State bytes are measured at the end, "
-        "summed over ranks (state replicated at ZeRO stage 0 counts once per rank); step time includes "
-        "loading the batch.",
-        "",
-        "| mode | LR | held-out loss (mean) | per seed | vs AdamW, nats | per seed | ppl | state B/param "
-        "| step time incl. data | vs AdamW | wire B/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, m in modes.items():
-        seeds = ", ".join(f"{v:.4f}" for v in m["eval_loss_per_seed"].values())
-        gaps = ", ".join(f"{v:+.3f}" for v in (m["gap_nats_per_seed"] or {}).values()) or "-"
-        lines.append(
-            f"| {name} | {m['lr']:g} (of {', '.join(m['lr_grid'])}) | {m['eval_loss']:.4f} | {seeds} | "
-            f"{fmt(m['gap_nats'], '+.3f')} | {gaps} | {m['ppl']:.1f} | {m['state_bytes_per_param']:.3f} | "
-            f"{fmt(milliseconds(m['step_time_s']), '.1f')} ms | "
-            f"{fmt(m['step_time_vs_adamw'], '.3f')}x | {fmt(m['wire_bytes_per_step'], ',.0f', wire_none)} |")
-    if p["nproc"] > 1:
-        lines += ["", f"Dense modes' all-reduce is the engine's, not counted above: a DDP all-reduce of "
-                      f"every gradient is {p['ddp_allreduce_bytes']:,.0f} B per rank per step."]
-    return "\n".join(lines)
-
-
-def plot_title(protocol: dict) -> str:
-    return f"{protocol['preset']}, {protocol['tokens']:,} tokens, seeds {protocol['seeds']}"
-
-
-def plot_loss(modes: dict[str, dict], title: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.set_title(title, fontsize=10)
-    for name, m in modes.items():
-        ax.plot(m["curve"]["tokens"], m["curve"]["eval_loss"], marker="o", ms=3, label=f"{name} (lr {m['lr']:g})")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("held-out loss (mean over seeds)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_pareto(modes: dict[str, dict], title: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.set_title(title, fontsize=10)
-    for name, m in modes.items():
-        x = max(m["state_bytes_per_param"], 1e-3)  # a log axis has no 0
-        ax.scatter(x, m["eval_loss"])
-        ax.annotate(name, (x, m["eval_loss"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("optimizer state, bytes / parameter (measured)")
-    ax.set_ylabel("final held-out loss (mean over seeds)")
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+# --------------------------------------------------------------------------- the protocol, for results.json
 
 def protocol_record(args, runs: list[dict], grid: dict[str, list[float]]) -> dict:
     n_params = runs[0]["n_params"]

@@ -10,14 +10,14 @@ workers. A shard's files are written under temporary names, renamed, and then co
 `NNNNN.json` marker; a killed preparation restarts at the first uncommitted shard. `--node_rank i
 --num_nodes n` takes shards i, i + n, ...: one command per node into a shared directory; whichever
 run finds every shard committed writes `manifest.json`, which is what the trainer reads.
+
+This module is the pipeline (tokenizing workers, shard writing and commit, settings, manifest);
+the sources it reads are prepare_sources.py's, the command line prepare_cli.py's.
 """
 
 from __future__ import annotations
 
-import argparse
-import gzip
 import hashlib
-import io
 import json
 import logging
 import os
@@ -25,7 +25,6 @@ import socket
 import sys
 import threading
 import time
-import zlib
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -34,9 +33,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .c4 import CorruptShardError, DataPathError, document_text, parse_line_or_reason, resolve_shards
-from .prepared import (EOS_POLICY, FORMAT_VERSION, MANIFEST, PreparedCorpus, PreparedDataError,
-                       file_sha256, token_dtype)
+from .c4 import parse_line_or_reason
+from .prepare_sources import FileShards, HubShards, ShardInput  # noqa: F401 (importers: FileShards, HubShards)
+from .prepared import EOS_POLICY, FORMAT_VERSION, MANIFEST, PreparedDataError, file_sha256, token_dtype
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger("scaletrain.prepare")
@@ -44,111 +43,6 @@ SETTINGS = "prepare.json"
 LINES_PER_BATCH = 256  # fixed, never derived from --workers: the output must not depend on it
 BATCHES_AHEAD_PER_WORKER = 4  # bounds memory: at most this many batches queued per worker
 SKIPPED_REPORTED_PER_SHARD = 10
-
-
-# --------------------------------------------------------------------------- sources
-
-class _HashingReader(io.RawIOBase):
-    """A raw file that hashes and counts the bytes read through it (one pass: read and checksum)."""
-
-    def __init__(self, raw):
-        self.raw, self.sha256, self.bytes_read = raw, hashlib.sha256(), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = self.raw.readinto(buffer)
-        self.sha256.update(memoryview(buffer)[:n])
-        self.bytes_read += n
-        return n
-
-
-class ShardInput:
-    """One source shard: (line, raw bytes or text) items, progress units read, its manifest record."""
-
-    def __init__(self, items: Iterator[tuple[int, Any]], progress: Callable[[], int],
-                 record: Callable[[], dict], name: str):
-        self.items, self.progress, self.record, self.name = items, progress, record, name
-
-
-class FileShards:
-    """JSON-lines shards (a file, a directory or a glob), each checksummed as it is read."""
-
-    unit = "B"
-
-    def __init__(self, path: str | Path):
-        self.paths = resolve_shards(path, field="input")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def listing(self) -> list[dict]:
-        # Absolute: the same files named from another working directory are the same source.
-        return [{"path": str(p.resolve()), "size": p.stat().st_size} for p in self.paths]
-
-    def size(self, index: int) -> int:
-        return self.paths[index].stat().st_size
-
-    def open(self, index: int) -> ShardInput:
-        path = self.paths[index]
-        state: dict = {}
-
-        def lines() -> Iterator[tuple[int, bytes]]:
-            try:
-                with open(path, "rb", buffering=0) as raw:
-                    hashing = state["reader"] = _HashingReader(raw)
-                    buffered = io.BufferedReader(hashing, 1 << 20)
-                    text = gzip.GzipFile(fileobj=buffered) if path.name.endswith(".gz") else buffered
-                    yield from enumerate(text)
-                    while buffered.read(1 << 20):  # the checksum covers the whole file
-                        pass
-            except (OSError, EOFError, zlib.error) as e:
-                raise CorruptShardError(f"cannot read C4 shard {str(path)!r}: {e}") from e
-
-        def progress() -> int:
-            return state["reader"].bytes_read if "reader" in state else 0
-
-        def record() -> dict:
-            reader = state["reader"]
-            return {"path": str(path.resolve()), "size": reader.bytes_read,
-                    "sha256": reader.sha256.hexdigest()}
-
-        return ShardInput(lines(), progress, record, str(path))
-
-
-class HubShards:
-    """A `datasets` dataset streamed by its data files: shard i is the dataset's i-th file."""
-
-    unit = "doc"
-
-    def __init__(self, name: str, config: str | None, split: str = "train",
-                 load_dataset: Callable[..., Any] | None = None, **load_kwargs: Any):
-        if load_dataset is None:
-            from datasets import load_dataset  # slow import, only needed here
-        self.desc = {"hub": name, "config": config, "split": split}
-        self.dataset = load_dataset(name, config, split=split, streaming=True, **load_kwargs)
-        self.n_shards = self.dataset.n_shards
-
-    def __len__(self) -> int:
-        return self.n_shards
-
-    def listing(self) -> list[dict]:
-        return [{**self.desc, "shard": i, "of": self.n_shards} for i in range(self.n_shards)]
-
-    def size(self, index: int) -> int | None:
-        return None  # unknown before streaming
-
-    def open(self, index: int) -> ShardInput:
-        counted = [0]
-
-        def items() -> Iterator[tuple[int, str | None]]:
-            for line, example in enumerate(self.dataset.shard(num_shards=self.n_shards, index=index)):
-                counted[0] = line + 1
-                yield line, document_text(example)
-
-        return ShardInput(items(), lambda: counted[0], lambda: self.listing()[index],
-                          f"{self.desc['hub']} shard {index}")
 
 
 # --------------------------------------------------------------------------- tokenizing (workers)
@@ -406,62 +300,11 @@ class _BatchTokenizer:
         return tokenize_batch(batch, self.dtype)
 
 
-# --------------------------------------------------------------------------- command line
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="scaletrain-prepare-data",
-        description="Tokenize C4 JSON-lines shards (or a Hugging Face dataset) once into flat token "
-                    "files + index + manifest that training memory-maps (--data.path OUT).")
-    p.add_argument("input", nargs="?", help="a .json/.json.gz file, a directory of them, or a glob "
-                   "(quote it); omit with --hub or --verify")
-    p.add_argument("--out", help="output directory (created; rerun the same command to resume)")
-    p.add_argument("--tokenizer", default="default", help="as data.tokenizer: default, llama32k, "
-                   "a sentencepiece .model path or a transformers tokenizer name")
-    p.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: all cores)")
-    p.add_argument("--node_rank", type=int, default=0, help="this node's index: it prepares shards "
-                   "node_rank, node_rank + num_nodes, ...")
-    p.add_argument("--num_nodes", type=int, default=1, help="nodes sharing the preparation")
-    p.add_argument("--hub", help="a datasets name to stream instead of files (e.g. allenai/c4)")
-    p.add_argument("--hub_config", default=None, help="its configuration (e.g. en)")
-    p.add_argument("--split", default="train", help="its split")
-    p.add_argument("--verify", metavar="DIR", help="check a prepared directory's sizes and checksums")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    if args.verify is None and (args.out is None or (args.input is None) == (args.hub is None)):
-        p.error("give --out and either an input path or --hub NAME (or --verify DIR)")
-    if args.workers is not None and args.workers < 1:
-        p.error("--workers must be at least 1")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        if args.verify:
-            corpus = PreparedCorpus(args.verify, verify_checksums=True)
-            print(f"{args.verify}: {len(corpus.shards)} shards, {corpus.n_tokens} tokens, "
-                  f"sizes and checksums match the manifest")
-            return 0
-        source = (HubShards(args.hub, args.hub_config, args.split) if args.hub
-                  else FileShards(args.input))
-        t0 = time.perf_counter()
-        report = prepare(source, args.out, args.tokenizer, args.workers, args.node_rank,
-                         args.num_nodes, progress=not args.quiet)
-    except (DataPathError, CorruptShardError, FileNotFoundError, ValueError) as e:
-        print(f"scaletrain-prepare-data: error: {e}", file=sys.stderr)
-        return 1
-    seconds = time.perf_counter() - t0
-    print(f"{len(report.prepared)} shards tokenized ({report.tokens} tokens in {seconds:.1f} s), "
-          f"{report.already_committed} already committed")
-    if report.manifest_written:
-        print(f"{args.out}/{MANIFEST} written: train with --data.path {args.out} "
-              f"--data.tokenizer {args.tokenizer}")
-    else:
-        print(f"{report.left_to_other_nodes} shards are not committed yet (other nodes' share): "
-              f"the run that completes the last one writes {MANIFEST}")
-    return 0
+    """The command line, prepare_cli.py's (kept here for importers and `python -m`)."""
+    from .prepare_cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
