@@ -28,6 +28,7 @@ class SingleEngine:
         self.module = model.to(ctx.device)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.clip = 0.0 if syncs_grads else float(ds_config.get("gradient_clipping", 0.0))
+        self.syncs_grads = syncs_grads  # the optimizer reduces, clips and reports the norm itself
         # bf16: the block optimizer keeps bf16 weights and fp32 masters of its selected blocks;
         # a dense optimizer keeps fp32 weights and autocasts the compute
         self.autocast = bf16_enabled(ds_config) and not syncs_grads
@@ -65,7 +66,7 @@ class SingleEngine:
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.clip > 0:
             self.grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(params, self.clip))
-        else:
+        elif not self.syncs_grads:  # (a pass over every gradient and a sync: not twice)
             self.grad_norm = _as_float(torch.nn.utils.get_total_norm([p.grad for p in params]))
         self.optimizer.step()
         self.scheduler.step()
