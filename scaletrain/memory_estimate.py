@@ -201,7 +201,7 @@ def selected_state_bytes(selected: Iterable[tuple[str, Sequence[int]]], *, world
     projection or 8-bit moments each whole block's state is on its owner, as at stage 2.
     master: bf16 weights, so each held block also has its fp32 master (not at stage 3).
     Returns, per rank, a dict with 'moments', 'projection', 'magnitude', 'master' and 'total'."""
-    from scaletrain.optim.blockllm import Block, owner_map
+    from scaletrain.optim.selection import Block, owner_map
 
     items = [(name, tuple(shape)) for name, shape in selected]
     if master and zero_stage >= 3:
@@ -491,9 +491,9 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
         mx.update(mean)
     else:
         shapes = dict(spec.named_shapes)
-        from scaletrain.optim.blockllm import partition_blocks
+        from scaletrain.optim.selection import partition_blocks
 
-        from scaletrain.optim.blockllm import always_blocks
+        from scaletrain.optim.selection import always_blocks
 
         always_b = always_blocks(spec.named_shapes, tuple(s.always_train))
         always = block_shapes(always_b, spec.named_shapes)
