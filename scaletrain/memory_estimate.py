@@ -7,7 +7,7 @@ matrices and activations, in bytes and GiB.
 
 The model's parameter shapes are exact: the transformers model is built on the meta device (no
 memory), from a preset (`scaletrain.models.llama`) or a LlamaConfig JSON. The optimizer parts follow
-the optimizers' own layouts (scaletrain.optim.blockllm, update_rules, quant8; torch.optim.AdamW;
+the optimizers' own layouts (scaletrain.optim.layout, update_rules, quant8; torch.optim.AdamW;
 DeepSpeed ZeRO-1/2 partitions; FSDP2 shards), and tests/test_memory_estimate.py checks them
 against the tensors the optimizers really allocate. Weights, gradients and activations are stated
 approximations (see `activation_bytes_per_token` and the notes each estimate prints).
@@ -33,13 +33,16 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from scaletrain.config import OptimConfig
+from scaletrain.optim.comm import BUCKET_BYTES
+from scaletrain.optim.layout import BlockLayout, fsdp_row_shards
+from scaletrain.optim.selection import Block, always_blocks, partition_blocks
 
 GIB = 2**30
 DEFAULT_VOCAB = 8192  # the shipped default tokenizer (c4-sample-8192.model); the trainer uses its size
 MODES = ("adamw", "block", "galore", "gradnorm_lorp")
 PROJECTIONS = ("none", "galore", "gradnorm_lorp")
 COMPONENTS = ("weights", "gradients", "optimizer_states", "projections", "activations")
-BUCKET_MIB = 32  # the block optimizer's communication bucket (blockllm.BUCKET_BYTES)
+BUCKET_MIB = BUCKET_BYTES // 2**20  # the block optimizer's communication bucket
 STEP_TENSOR_BYTES = 4  # torch.optim.AdamW's 'step': a float32 scalar tensor per parameter tensor
 
 
@@ -125,40 +128,37 @@ def moment_bytes(numel: int, eight_bit: bool = False, dtype_bytes: int = 4) -> i
     return numel * dtype_bytes
 
 
-def projected_shapes(shape: Sequence[int], rank: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """GaLore's rule for an m x n block: None if not 2-D or min(m, n) <= rank; else (basis shape,
-    moment shape): m >= n: basis r x n, moments m x r; m < n: basis m x r, moments r x n."""
-    if len(shape) != 2 or min(shape) <= rank:
-        return None
-    m, n = shape
-    return ((rank, n), (m, rank)) if m >= n else ((m, rank), (rank, n))
-
-
 def block_state_bytes(param: str, shape: Sequence[int], *, projection: str = "none", rank: int = 128,
                       eight_bit: bool = False, proj_patterns: Sequence[str] = ("attn", "mlp"),
                       master: bool = False, dtype_bytes: int = 4) -> dict[str, int]:
     """State bytes the block optimizer's update rule keeps for one block of `shape` (a parameter,
-    or a row chunk of it, or an FSDP row shard) of parameter `param`:
-      moments      exp_avg + exp_avg_sq (projected shape when projected; 8-bit where it applies)
-      projection   the GaLore basis (fp32), projected blocks only
-      magnitude    gradnorm_lorp: fp32 moments of the per-row magnitudes, 2 x rows values, for every
-                   2-D block matching proj_patterns (projected or not), as GradNormLoRPRule keeps them
+    or a row chunk of it, or an FSDP row shard) of parameter `param`, by asking the rule itself:
+    its `new_state` for such a block, allocated on the meta device (no memory). By key:
+      moments      exp_avg + exp_avg_sq (projected shape when projected; 8-bit codes + absmax where
+                   quant8 applies)
+      projection   the GaLore basis, projected blocks only
+      magnitude    gradnorm_lorp: moments of the per-row magnitudes (mag_exp_avg, mag_exp_avg_sq)
       master       bf16 runs (DeepSpeed/single): the block's fp32 master copy, 4 bytes a value
+                   (BlockOptimizer keeps it next to the rule's state)
     The per-block 'step' (and 'proj_stale') are Python floats, not tensors: 0 bytes."""
+    import torch
+
+    from scaletrain.optim.update_rules import build_rule
+
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, not {projection!r}")
     shape = tuple(shape)
-    matches = any(p in param for p in proj_patterns)
+    # update_proj_gap, proj_scale and svd change the arithmetic, not the state's layout
+    rule = build_rule(projection, rank=rank, update_proj_gap=1, proj_scale=1.0, svd="full",
+                      proj_patterns=tuple(proj_patterns), eight_bit=eight_bit)
+    dtype = {4: torch.float32, 2: torch.bfloat16}[dtype_bytes]
+    with torch.device("meta"):
+        state = rule.new_state(Block(param, param, None, math.prod(shape)), torch.empty(shape, dtype=dtype))
     out = {"moments": 0, "projection": 0, "magnitude": 0, "master": 4 * math.prod(shape) if master else 0}
-    moment_shape = shape
-    if projection != "none" and matches:
-        proj = projected_shapes(shape, rank)
-        if proj is not None:
-            out["projection"] = math.prod(proj[0]) * dtype_bytes
-            moment_shape = proj[1]
-        if projection == "gradnorm_lorp" and len(shape) == 2:
-            out["magnitude"] = 2 * shape[0] * dtype_bytes
-    out["moments"] = 2 * moment_bytes(math.prod(moment_shape), eight_bit, dtype_bytes)
+    for key, value in state.items():
+        if torch.is_tensor(value):
+            kind = "projection" if key == "proj" else "magnitude" if key.startswith("mag_") else "moments"
+            out[kind] += value.numel() * value.element_size()
     return out
 
 
@@ -171,19 +171,15 @@ def _parse_block(name: str) -> tuple[str, tuple[int, int] | None]:
     return name, None
 
 
-def _fsdp_local_rows(rows: int, block_rows: tuple[int, int] | None, rank: int, world: int) -> int:
-    """Rows of a block on `rank` when its parameter is Shard(0) over `world` ranks (torch.chunk)."""
-    a, z = block_rows or (0, rows)
-    chunk = math.ceil(rows / world)
-    start, end = min(rank * chunk, rows), min(rank * chunk + chunk, rows)
-    return max(0, min(z, end) - max(a, start))
-
-
-def fsdp_row_shards(zero_stage: int, world_size: int, projection: str, eight_bit: bool) -> bool:
-    """Whether the block optimizer keeps row shards of every block's state on every rank: under
-    FSDP2 (stage 3) with plain fp32 Adam. A projected or 8-bit state needs the whole block, so under
-    FSDP2 it lives on the block's owner (gradient and weight rows gathered there for the update)."""
-    return zero_stage >= 3 and world_size > 1 and projection == "none" and not eight_bit
+def block_layout(world_size: int, zero_stage: int, projection: str, eight_bit: bool,
+                 param_shapes: dict[str, Sequence[int]] | None = None) -> BlockLayout:
+    """The block optimizer's layout (scaletrain.optim.layout) for a hypothetical run, seen from
+    rank 0: stage 3 is FSDP2, where plain fp32 Adam keeps row shards of every block's state on
+    every rank and a projected or 8-bit state lives on its owner."""
+    fsdp = zero_stage >= 3
+    rows = {p: s[0] for p, s in (param_shapes or {}).items()}
+    return BlockLayout(rows, fsdp=fsdp, fsdp_rows=fsdp_row_shards(fsdp, projection, eight_bit),
+                       zero_stage=zero_stage, world_size=world_size, rank=0)
 
 
 def selected_state_bytes(selected: Iterable[tuple[str, Sequence[int]]], *, world_size: int = 1,
@@ -196,44 +192,33 @@ def selected_state_bytes(selected: Iterable[tuple[str, Sequence[int]]], *, world
     selected: (block name, block shape) pairs, e.g. [(n, shape of block n) for n in opt.selected];
     a row chunk is named 'param[rows a:b]' and has shape (b - a, n). Ownership as the block
     optimizer realises the ZeRO stage: 0 (or one rank): every rank holds every block; 1, 2: each
-    block on its owner (blockllm.owner_map); 3 (FSDP2): with plain fp32 Adam every rank holds its
+    block on its owner (selection.owner_map); 3 (FSDP2): with plain fp32 Adam every rank holds its
     Shard(0) rows of every block (param_shapes, the full parameter shapes, is needed then); with a
     projection or 8-bit moments each whole block's state is on its owner, as at stage 2.
     master: bf16 weights, so each held block also has its fp32 master (not at stage 3).
     Returns, per rank, a dict with 'moments', 'projection', 'magnitude', 'master' and 'total'."""
-    from scaletrain.optim.selection import Block, owner_map
-
     items = [(name, tuple(shape)) for name, shape in selected]
     if master and zero_stage >= 3:
         raise ValueError("FSDP2 (zero_stage 3) keeps fp32 shards: no master copies")
     rule = dict(projection=projection, rank=rank, eight_bit=eight_bit, proj_patterns=tuple(proj_patterns),
                 master=master)
     per_rank = [{"moments": 0, "projection": 0, "magnitude": 0, "master": 0} for _ in range(world_size)]
-
-    def add(r: int, parts: dict[str, int]) -> None:
-        for k, v in parts.items():
-            per_rank[r][k] += v
-
-    if fsdp_row_shards(zero_stage, world_size, projection, eight_bit):
-        if param_shapes is None:
-            raise ValueError("zero_stage 3 (FSDP2 row shards) needs param_shapes")
-        for name, shape in items:
-            param, rows = _parse_block(name)
-            for r in range(world_size):
-                local = _fsdp_local_rows(param_shapes[param][0], rows, r, world_size)
-                if local:
-                    add(r, block_state_bytes(param, (local, *shape[1:]), **rule))
-    elif zero_stage == 0 or world_size == 1:
-        for name, shape in items:
-            parts = block_state_bytes(_parse_block(name)[0], shape, **rule)
-            for r in range(world_size):
-                add(r, parts)
-    else:
-        blocks = [Block(name, _parse_block(name)[0], _parse_block(name)[1], math.prod(shape))
-                  for name, shape in items]
-        owners = owner_map(blocks, world_size)
-        for name, shape in items:
-            add(owners[name], block_state_bytes(_parse_block(name)[0], shape, **rule))
+    layout = block_layout(world_size, zero_stage, projection, eight_bit, param_shapes)
+    row_shards = layout.fsdp_rows and world_size > 1  # (one rank holds every row: whole blocks)
+    if row_shards and param_shapes is None:
+        raise ValueError("zero_stage 3 (FSDP2 row shards) needs param_shapes")
+    blocks = [Block(name, *_parse_block(name), math.prod(shape)) for name, shape in items]
+    layout.assign(blocks)
+    for b, (_, shape) in zip(blocks, items):
+        for r in range(world_size):
+            if not layout.holds(b.name, r):
+                continue
+            local = layout.rows_of_rank(b, r) if row_shards else None
+            if local == 0:
+                continue  # FSDP2: the block has no rows on this rank
+            parts = block_state_bytes(b.param, shape if local is None else (local, *shape[1:]), **rule)
+            for k, v in parts.items():
+                per_rank[r][k] += v
     for d in per_rank:
         d["total"] = d["moments"] + d["projection"] + d["magnitude"] + d["master"]
     return per_rank
@@ -491,10 +476,6 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
         mx.update(mean)
     else:
         shapes = dict(spec.named_shapes)
-        from scaletrain.optim.selection import partition_blocks
-
-        from scaletrain.optim.selection import always_blocks
-
         always_b = always_blocks(spec.named_shapes, tuple(s.always_train))
         always = block_shapes(always_b, spec.named_shapes)
         always_names = {b.param for b in always_b}
@@ -541,18 +522,19 @@ def estimate(spec: ModelSpec, setup: Setup) -> Estimate:
             total = {k: chosen.get(k, 0) + always_total[k] for k in always_total}
             largest = max([b.numel for b in (fits or blocks)] + [c for c, _, _, _ in always_items])
             info.update(selected_params_worst=cap)
-            if fsdp_row_shards(s.zero_stage, W, s.projection, s.eight_bit):
+            layout = block_layout(W, s.zero_stage, s.projection, s.eight_bit, shapes)
+            if layout.fsdp_rows and W > 1:
                 # every rank: its rows of every selected block; rank 0's are the largest
                 shard_items = []
                 for c, _, b, shape in items:
-                    local = _fsdp_local_rows(shapes[b.param][0], b.rows, 0, W)
+                    local = layout.rows_of_rank(b, 0)
                     parts = block_state_bytes(b.param, (local, *shape[1:]), **rule) if local else \
                         {"moments": 0, "projection": 0, "magnitude": 0, "master": 0}
                     parts["total"] = sum(parts.values())
                     shard_items.append((c, parts))
                 worst = _fractional_knapsack(shard_items, cap)
                 for c, _, b, shape in always_items:  # rank 0's rows of each, always held
-                    local = _fsdp_local_rows(shapes[b.param][0], b.rows, 0, W)
+                    local = layout.rows_of_rank(b, 0)
                     for k, v in (block_state_bytes(b.param, (local, *shape[1:]), **rule) if local else {}).items():
                         worst[k] = worst.get(k, 0) + v
                 avg = {k: v / W for k, v in total.items()}
