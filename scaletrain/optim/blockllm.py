@@ -297,14 +297,12 @@ class BlockOptimizer(MasterWeights, BlockStateIO, torch.optim.Optimizer):
         if lo.item() != hi.item():
             raise RuntimeError("ranks selected different blocks: selection is not deterministic")
 
-
-    # ------------------------------------------------------------------ update
+    # ------------------------------------------------------------------ this rank's views of a block
     def _block_like(self, b: Block) -> torch.Tensor:
         """A tensor of the whole block's shape (the local view is only a row shard under FSDP)."""
         p = self.params[b.param]
         a, z = b.rows or (0, p.shape[0])
         return torch.empty((z - a, *p.shape[1:]), dtype=p.dtype, device=self.device)
-
 
     def _local_rows(self, b: Block) -> tuple[int, int, int]:
         """(first, last) rows of block b held here, and the offset of the local tensor (layout)."""
@@ -326,11 +324,14 @@ class BlockOptimizer(MasterWeights, BlockStateIO, torch.optim.Optimizer):
     def _weight(self, b: Block) -> torch.Tensor:
         return self._local(b, self.params[b.param].data)  # a view: updates land in place
 
+    # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
         """Reduce each selected gradient (to its owner), clip by the global norm, update, publish
-        the new values, as the layout's strategy (steps.py) does it. wire_bytes_last_step: what
-        this step's collectives sent (scaletrain.distributed.wire says how each is counted)."""
+        the new values, as the layout's strategy (steps.py) does it. The sync points, in order:
+        the inactive blocks' sign step, the gradient reduction, the global norm's all-reduce, the
+        publication of new weights. wire_bytes_last_step: what this step's collectives sent
+        (scaletrain.distributed.wire says how each is counted)."""
         loss = closure() if closure is not None else None
         self.wire.take()  # (the selection pass's all-reduce is not this step's)
         group = self.param_groups[0]
@@ -381,7 +382,6 @@ class BlockOptimizer(MasterWeights, BlockStateIO, torch.optim.Optimizer):
         for b in self.blocks:
             if b.param not in adam:
                 self.params[b.param].grad = None
-
 
     # ------------------------------------------------------------------ introspection
     def state_bytes(self) -> int:
