@@ -14,7 +14,8 @@ from transformers import LlamaConfig
 from scaletrain.memory_estimate import (DEFAULT_VOCAB, Setup, activation_bytes, block_shapes, estimate,
                                         model_spec, moment_bytes, selected_state_bytes)
 from scaletrain.models.llama import build_model, causal_lm_loss
-from scaletrain.optim.blockllm import ALWAYS_ROW_CHUNKS, BlockOptimizer, partition_blocks
+from scaletrain.optim.blockllm import BlockOptimizer
+from scaletrain.optim.selection import ALWAYS_ROW_CHUNKS, partition_blocks
 from tests.launching import REPO
 
 PRESET, SEQ, MICRO = "llama_9m", 16, 1
@@ -169,7 +170,7 @@ def test_always_trained_tensors_count_in_the_most_loaded_rank():
     one = estimate(spec, Setup(mode="block", world_size=1, density=0.05, **kinds))
     eight = estimate(spec, Setup(mode="block", world_size=8, density=0.05, **kinds))
     assert eight.mean["optimizer_states"] == math.ceil(one.mean["optimizer_states"] / 8)
-    # the embedding and head are row chunks (blockllm.always_blocks), so no owner holds them whole
+    # the embedding and head are row chunks (selection.always_blocks), so no owner holds them whole
     largest = max(eight.info["largest_block_params"],
                   max(math.prod(s) for n, s in spec.named_shapes if "embed" in n) / ALWAYS_ROW_CHUNKS)
     assert eight.mean["optimizer_states"] <= eight.max["optimizer_states"]

@@ -3,7 +3,7 @@
     python tools/estimate_memory.py --preset llama_7b --world-size 8 --mode block --density 0.05
     python tools/estimate_memory.py --preset llama_60m --mode adamw --zero-stage 2 --world-size 8 --json
 
-The same as the `scaletrain-estimate-memory` console command; the logic is scaletrain/memory_estimate.py.
+The same as the `scaletrain-estimate-memory` console command; the logic is the scaletrain/memory_estimate/ package.
 """
 from __future__ import annotations
 

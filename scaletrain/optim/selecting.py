@@ -1,6 +1,7 @@
 """What the training loop may ask of an optimizer that trains a changing selection of blocks
 (the block optimizer; dense GaLore is one that selects everything). The loop checks
-`isinstance(optimizer, SelectsBlocks)` once instead of probing for methods."""
+`isinstance(optimizer, SelectsBlocks)` once instead of probing for methods. (The selection's own
+arithmetic, blocks, scores and owners, is scaletrain.optim.selection.)"""
 from __future__ import annotations
 
 from typing import ContextManager, Protocol, runtime_checkable

@@ -9,7 +9,8 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from scaletrain.models.llama import causal_lm_loss
-from scaletrain.optim.blockllm import BlockOptimizer, BlockSelector, partition_blocks, reselection_due
+from scaletrain.optim.blockllm import BlockOptimizer
+from scaletrain.optim.selection import BlockSelector, partition_blocks, reselection_due
 from scaletrain.optim.selecting import SelectsBlocks
 
 VOCAB, MICRO = 128, 2

@@ -9,7 +9,9 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.models.llama import causal_lm_loss
-from scaletrain.optim.blockllm import ALWAYS_ROW_CHUNKS, BlockOptimizer, pack_signs, unpack_signs
+from scaletrain.optim.blockllm import BlockOptimizer
+from scaletrain.optim.comm import pack_signs, unpack_signs
+from scaletrain.optim.selection import ALWAYS_ROW_CHUNKS
 from tests.optim.test_blockllm import global_batches, tiny_llama, train_block
 
 ALWAYS = ("embed", "lm_head", "norm")

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from scaletrain.optim.blockllm import Block
+from scaletrain.optim.selection import Block
 from scaletrain.optim.update_rules import AdamWRule, Hyper
 
 HYPER = Hyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
