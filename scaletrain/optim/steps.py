@@ -13,9 +13,10 @@ dropped, since inactive blocks can share a tensor with chosen row chunks), (2) t
 reduction, (3) the all-reduce of the squared global norm, (4) the publication of new weights.
 Each layout also says how the inactive blocks' gradients are averaged (`sign_step`).
 
-Clipping: per-block fp32 squares summed in fp64, which is exact for any grouping of blocks over
-ranks, so the clip coefficient does not depend on the world size (bf16 weights would amplify its
-last bit). FsdpOwner keeps its own fp64 squares and Python-float coefficient: its numerics
+Clipping: each block's norm accumulated in fp64 (one multi-tensor kernel for all blocks: a
+per-block loop is launch-bound on a GPU), squared and summed in fp64, so the clip coefficient does
+not depend on how blocks are grouped over ranks (bf16 weights would amplify its last bit).
+FsdpOwner keeps its own fp64 squares and Python-float coefficient: its numerics
 predate the others' and checkpoints/tests pin them.
 """
 from __future__ import annotations
@@ -23,6 +24,14 @@ from __future__ import annotations
 import torch
 
 from scaletrain.optim.update_rules import Hyper
+
+
+def squared_norm(grads: list[torch.Tensor], device) -> torch.Tensor:
+    """Sum of the squared norms of `grads`, shape [1], fp64: per-tensor norms accumulated in fp64
+    by one multi-tensor kernel, then squared and summed."""
+    if not grads:
+        return torch.zeros(1, dtype=torch.float64, device=device)
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).pow(2).sum().reshape(1)
 
 
 def apply_signs(weights: list[torch.Tensor], signs: list[torch.Tensor], lr: float, wd: float) -> None:
@@ -60,16 +69,15 @@ class StepLayout:
     def clip(self, grads: list[torch.Tensor], sq_inactive: torch.Tensor) -> None:
         """Record the global gradient norm and clip to max_grad_norm (as torch's clip_grad_norm_)."""
         opt = self.opt
-        sq = (torch.stack([g.pow(2).sum() for g in grads]).double().sum() if grads
-              else torch.zeros((), dtype=torch.float64, device=opt.device)).reshape(1) + sq_inactive
+        sq = squared_norm(grads, opt.device) + sq_inactive
         if self.reduces_norm:
             opt.wire.all_reduce(sq)  # the global norm over all selected blocks
         norm = sq.sqrt().float()[0]
         opt.last_grad_norm = float(norm)
         if opt.max_grad_norm > 0:
             coef = torch.clamp(opt.max_grad_norm / (norm + 1e-6), max=1.0)
-            for g in grads:
-                g.mul_(coef)
+            if grads:
+                torch._foreach_mul_(grads, coef)
 
     def publish(self, mine: list, blocks: list) -> None:
         """Make the new weights visible on every rank that did not compute them."""
@@ -82,9 +90,8 @@ class StepLayout:
     def sign_step(self, blocks: list, grads: list[torch.Tensor], lr: float, wd: float) -> torch.Tensor:
         """signSGD on the inactive blocks with the gradients averaged over all ranks; returns this
         rank's share of their squared norm."""
-        zero = torch.zeros(1, dtype=torch.float64, device=self.opt.device)
         self.average(grads)
-        sq = sum((g.double().pow(2).sum() for g in grads), zero)
+        sq = squared_norm(grads, self.opt.device)
         apply_signs([self.opt._weight(b) for b in blocks], torch._foreach_sign(grads), lr, wd)
         return sq
 
