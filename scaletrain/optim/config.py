@@ -48,8 +48,8 @@ class OptimConfig:
                                "of a block (and when it is reselected).")
     proj_scale: float = doc(0.25, "galore/gradnorm_lorp: scale of the projected-back update (GaLore's alpha).")
     svd: str = doc("lowrank", "galore/gradnorm_lorp: basis from torch.svd_lowrank (lowrank: "
-                   "randomized, seeded per block; 2.4x faster than full at llama_60m rank 128 with "
-                   "the same captured gradient norm, tools/bench_svd.py; matrices with a side under "
+                   "randomized, seeded per block; speed and captured gradient norm against full: README, "
+                   "tools/bench_svd.py; matrices with a side under "
                    "2 (rank + 10) still get the full SVD) or torch.linalg.svd (full, as galore-torch).",
                    ("full", "lowrank"))
     proj_patterns: list = doc(["attn", "mlp"], "galore/gradnorm_lorp: parameter-name substrings of "
