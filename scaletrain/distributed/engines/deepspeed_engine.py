@@ -8,7 +8,8 @@ import logging
 
 import torch
 
-from scaletrain.distributed.engines import zero_state
+from scaletrain.distributed.engines.zero_state import load_optimizer_states as load_zero_states
+from scaletrain.distributed.engines.zero_state import optimizer_shard as zero_optimizer_shard
 from scaletrain.distributed.engines.precision import bf16_enabled, use_bf16_weights
 from scaletrain.distributed.runtime import DistContext
 from scaletrain.models.llama import causal_lm_loss
@@ -131,8 +132,8 @@ class DeepSpeedEngine:
     def optimizer_shard(self) -> tuple[dict, dict]:
         """Collective: ZeRO's partitioned AdamW state in the name-keyed layout of the other
         backends (zero_state.optimizer_shard)."""
-        return zero_state.optimizer_shard(self)
+        return zero_optimizer_shard(self)
 
     def load_optimizer_states(self, states) -> None:
         """Inverse of optimizer_shard, at this run's world size (zero_state.load_optimizer_states)."""
-        zero_state.load_optimizer_states(self, states)
+        load_zero_states(self, states)
