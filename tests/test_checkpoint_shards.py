@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 
 from scaletrain import checkpoint as ckpt
-from scaletrain.optim.blockllm import BlockOptimizer
 from tests.optim.test_blockllm import global_batches, tiny_llama, train_block
 from tests.test_checkpoint import block_writers
+from tests.optim.paper_rule import block_optimizer
 
 LOWRANK_8BIT = dict(select_all=True, frozen_patterns=(), density=1.0, projection="galore", rank=8, eight_bit=True)
 ROWS = dict(select_all=True, frozen_patterns=(), density=1.0)  # plain Adam: FSDP2 keeps rows
@@ -36,7 +36,7 @@ def _save(root, kwargs, fsdp):
     """Train 2 steps on this rank's slice, save a checkpoint; return the whole block states."""
     world, rank = dist.get_world_size(), dist.get_rank()
     model = _model(fsdp)
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, **kwargs)
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, **kwargs)
     train_block(opt, model, [[s[k * world + rank] for k in range(len(s) // world)] for s in global_batches(2, 4)])
     tensors, meta = ckpt.optimizer_shard(opt, model)
     ckpt.save_checkpoint(root, 2, rank=rank, world_size=world, sharded=tensors, keep_latest=2,
@@ -52,7 +52,7 @@ def _save(root, kwargs, fsdp):
 def _load(root, kwargs, fsdp):
     """Resume at this world size; return {block: (rows held, state)} for what this rank holds."""
     model = _model(fsdp)
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, **kwargs)
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, **kwargs)
     path = root / "step_00000002"
     ckpt.restore_optimizer(opt, model, ckpt.SavedState(path), ckpt.load_trainer_state(path)["optim"])
     held = {}

@@ -11,6 +11,7 @@ from scaletrain.models.llama import causal_lm_loss
 from scaletrain.optim.blockllm import BlockOptimizer
 from tests.launching import TINY, run_pretrain, write_ds_config
 from tests.optim.test_blockllm import VOCAB, tiny_llama
+from tests.optim.paper_rule import block_optimizer
 
 # GaLore projectors, 8-bit moments (with their scales) and plain Adam moments in one state
 LOWRANK_8BIT = dict(select_all=True, frozen_patterns=(), projection="galore", rank=8, eight_bit=True)
@@ -18,7 +19,7 @@ LOWRANK_8BIT = dict(select_all=True, frozen_patterns=(), projection="galore", ra
 
 def trained_optimizer(device: str) -> BlockOptimizer:
     model = tiny_llama().to(device)
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, **LOWRANK_8BIT)
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, **LOWRANK_8BIT)
     batch = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0)).to(device)
     causal_lm_loss(model, batch).backward()
     opt.step()
@@ -42,7 +43,7 @@ def test_state_saved_on_cpu_is_moved_to_the_resuming_device(tmp_path):
     saved = trained_optimizer("cpu")
     shards, meta = saved_checkpoint(saved, tmp_path)
     model = tiny_llama().to("meta")
-    resumed = BlockOptimizer(model.named_parameters(), lr=1e-2, **LOWRANK_8BIT)
+    resumed = block_optimizer(model.named_parameters(), lr=1e-2, **LOWRANK_8BIT)
     ckpt.restore_optimizer(resumed, model, shards, meta)
     assert resumed.block_state.keys() == saved.block_state.keys()
     assert state_devices(resumed) == {torch.device("meta")}
@@ -61,7 +62,7 @@ def test_state_saved_on_cuda_loads_on_cpu_and_resumes_on_cuda(tmp_path):
             if torch.is_tensor(t)} == {"cpu"}  # read onto the CPU, whatever device saved it
     for device in ("cpu", "cuda"):
         model = tiny_llama().to(device)
-        resumed = BlockOptimizer(model.named_parameters(), lr=1e-2, **LOWRANK_8BIT)
+        resumed = block_optimizer(model.named_parameters(), lr=1e-2, **LOWRANK_8BIT)
         ckpt.restore_optimizer(resumed, model, shards, meta)
         assert {d.type for d in state_devices(resumed)} == {device}
         batch = torch.randint(0, VOCAB, (2, 17), device=device)

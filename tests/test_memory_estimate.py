@@ -14,12 +14,12 @@ from transformers import LlamaConfig
 from scaletrain.memory_estimate import (DEFAULT_VOCAB, Setup, activation_bytes, block_shapes, estimate,
                                         model_spec, moment_bytes, selected_state_bytes)
 from scaletrain.models.llama import build_model, causal_lm_loss
-from scaletrain.optim.blockllm import BlockOptimizer
 from scaletrain.optim.selection import ALWAYS_ROW_CHUNKS, partition_blocks
 from tests.launching import REPO
+from tests.optim.paper_rule import block_optimizer
 
 PRESET, SEQ, MICRO = "llama_9m", 16, 1
-# BlockOptimizer's constructor defaults are BlockLLM's (embedding/head frozen, the rest frozen);
+# the tests' block_optimizer() defaults to BlockLLM's rule (embedding/head frozen, the rest frozen);
 # the estimator's, like the trainer's, are the three kinds of parameters
 BLOCKLLM = dict(frozen_patterns=("embed", "lm_head"), always_train=(), inactive="none")
 ALWAYS = ("embed", "lm_head", "norm")
@@ -98,7 +98,7 @@ ROW_CASES = [("none", False), ("none", True), ("galore", False), ("galore", True
 def test_block_prediction_for_the_actual_selection_is_exact(projection, eight_bit):
     """llama_9m at density 0.05: its MLP weights exceed the budget, so row chunks compete too."""
     model = build_model(PRESET, DEFAULT_VOCAB)
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-3, density=0.05, check_every=10**9,
+    opt = block_optimizer(model.named_parameters(), lr=1e-3, density=0.05, check_every=10**9,
                          projection=projection, rank=32, eight_bit=eight_bit)
     grad_bytes = one_block_step(opt, model)
     spec = model_spec(PRESET)
@@ -121,7 +121,7 @@ def test_bf16_block_masters_are_predicted_exactly(projection):
     """bf16 weights: every held block adds its fp32 master (4 B/value) to the state, and the
     weights cost 2 B/param."""
     model = build_model(PRESET, DEFAULT_VOCAB).to(torch.bfloat16)
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-3, density=0.05, check_every=10**9,
+    opt = block_optimizer(model.named_parameters(), lr=1e-3, density=0.05, check_every=10**9,
                          projection=projection, rank=32)
     opt.use_master_weights()
     grad_bytes = one_block_step(opt, model)
@@ -144,7 +144,7 @@ def test_always_trained_state_and_sign_gradients_are_predicted(inactive, dtype):
     model = build_model(PRESET, DEFAULT_VOCAB)
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-3, density=0.05, frozen_patterns=(),
+    opt = block_optimizer(model.named_parameters(), lr=1e-3, density=0.05, frozen_patterns=(),
                          always_train=ALWAYS, inactive=inactive)
     if dtype == "bf16":
         opt.use_master_weights()
@@ -206,7 +206,7 @@ def _two_rank_block():
     spec = model_spec(PRESET)
     for stage in (2, 0):
         model = build_model(PRESET, DEFAULT_VOCAB)
-        opt = BlockOptimizer(model.named_parameters(), lr=1e-3, density=0.05, check_every=10**9,
+        opt = block_optimizer(model.named_parameters(), lr=1e-3, density=0.05, check_every=10**9,
                              projection="galore", rank=32, eight_bit=True)
         opt.zero_stage = stage
         one_block_step(opt, model, seed=dist.get_rank())

@@ -33,17 +33,7 @@ def _adamw(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float) -> to
 def _block(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float, **dense) -> torch.optim.Optimizer:
     from scaletrain.optim.blockllm import BlockOptimizer
 
-    return BlockOptimizer(
-        model.named_parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        weight_decay=cfg.weight_decay, density=cfg.density, patience=cfg.patience,
-        check_every=cfg.check_every, reselect_every=cfg.reselect_every,
-        frozen_patterns=tuple(cfg.frozen_patterns), max_block_fraction=cfg.max_block_fraction,
-        keep_state_on_reselect=cfg.keep_state_on_reselect, max_grad_norm=max_grad_norm,
-        debug_checks=cfg.debug_checks, projection=cfg.projection, rank=cfg.rank,
-        update_proj_gap=cfg.update_proj_gap, proj_scale=cfg.proj_scale, svd=cfg.svd,
-        proj_patterns=tuple(cfg.proj_patterns), eight_bit=cfg.eight_bit,
-        always_train=tuple(cfg.always_train), inactive=cfg.inactive,
-        inactive_lr_scale=cfg.inactive_lr_scale, **dense)
+    return BlockOptimizer(model.named_parameters(), cfg, max_grad_norm=max_grad_norm, **dense)
 
 
 def _dense(projection: str):

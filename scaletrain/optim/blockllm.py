@@ -45,6 +45,7 @@ from torch.distributed.tensor import DTensor
 from scaletrain.distributed.wire import Wire
 from scaletrain.optim.checkpointing import BlockStateIO
 from scaletrain.optim.comm import BlockComm
+from scaletrain.optim.config import OptimConfig
 from scaletrain.optim.layout import BlockLayout, fsdp_row_shards
 from scaletrain.optim.masters import MasterWeights
 from scaletrain.optim.selection import Block, BlockSelector, always_blocks, partition_blocks, reselection_due
@@ -67,14 +68,19 @@ class BlockOptimizer(MasterWeights, BlockStateIO, torch.optim.Optimizer):
 
     state_keyed_by_name = True  # the checkpoint stores our own state_dict
 
-    def __init__(self, named_params, *, lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 density=0.05, patience=100, check_every=1000, reselect_every=0,
-                 frozen_patterns=("embed", "lm_head"), max_block_fraction=0.5,
-                 keep_state_on_reselect=False, max_grad_norm=0.0, debug_checks=False,
-                 projection="none", rank=128, update_proj_gap=200, proj_scale=0.25, svd="lowrank",
-                 proj_patterns=("attn", "mlp"), eight_bit=False, select_all=False,
-                 always_train=(), inactive="none", inactive_lr_scale=1.0,
-                 process_group=None):
+    def __init__(self, named_params, config: OptimConfig, *, max_grad_norm: float = 0.0,
+                 select_all: bool = False, process_group=None):
+        """config: the optim.* knobs (scaletrain/optim/config.py declares them, their defaults and
+        docs, once); max_grad_norm: the ds_config's gradient_clipping; select_all: every candidate
+        block trains (the dense GaLore / GradNormLoRP modes); process_group: the ranks to shard over."""
+        c = config
+        lr, betas, eps, weight_decay = c.lr, (c.beta1, c.beta2), c.eps, c.weight_decay
+        density, patience, check_every, reselect_every = c.density, c.patience, c.check_every, c.reselect_every
+        frozen_patterns, always_train = tuple(c.frozen_patterns), tuple(c.always_train)
+        inactive, inactive_lr_scale, projection, eight_bit = c.inactive, c.inactive_lr_scale, c.projection, c.eight_bit
+        max_block_fraction, keep_state_on_reselect, debug_checks = (c.max_block_fraction, c.keep_state_on_reselect,
+                                                                    c.debug_checks)
+        self.config = config
         named = list(named_params)
         super().__init__([p for _, p in named], dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.params = dict(named)
@@ -99,8 +105,8 @@ class BlockOptimizer(MasterWeights, BlockStateIO, torch.optim.Optimizer):
         self.patience, self.check_every, self.reselect_every = patience, check_every, reselect_every
         self.keep_state_on_reselect = keep_state_on_reselect
         self.max_grad_norm, self.debug_checks = max_grad_norm, debug_checks
-        self.rule = build_rule(projection, rank=rank, update_proj_gap=update_proj_gap,
-                               proj_scale=proj_scale, svd=svd, proj_patterns=tuple(proj_patterns),
+        self.rule = build_rule(projection, rank=c.rank, update_proj_gap=c.update_proj_gap,
+                               proj_scale=c.proj_scale, svd=c.svd, proj_patterns=tuple(c.proj_patterns),
                                eight_bit=eight_bit)
         self.select_all = select_all
         # who owns what and which rows are here; zero_stage: the engine sets the ds_config's stage

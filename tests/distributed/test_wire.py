@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.distributed.wire import Wire
+from tests.optim.paper_rule import block_optimizer
 
 MIB = 2**20
 
@@ -66,7 +67,6 @@ def _calls_through_wire() -> dict:
     """One block-optimizer step (ZeRO-2 layout, sign rule, GaLore + 8-bit) with torch.distributed's
     collectives and Wire's methods both counted: every collective call must be Wire's."""
     from scaletrain.models.llama import build_model, causal_lm_loss
-    from scaletrain.optim.blockllm import BlockOptimizer
 
     names = ("all_reduce", "reduce", "broadcast", "reduce_scatter_tensor", "all_gather_into_tensor",
              "all_gather", "gather", "scatter", "send", "recv")
@@ -77,7 +77,7 @@ def _calls_through_wire() -> dict:
         real_wire = getattr(Wire, name)
         setattr(Wire, name, lambda self, *a, _real=real_wire, _n=name, **k: (wire_calls.append(_n), _real(self, *a, **k))[1])
     model = build_model("llama_9m", 256, seed=0)
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-3, density=0.3, reselect_every=1,
+    opt = block_optimizer(model.named_parameters(), lr=1e-3, density=0.3, reselect_every=1,
                          projection="galore", rank=8, eight_bit=True)  # (ZeRO-2 layout: the default)
     batch = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(dist.get_rank()))
     for step in range(2):

@@ -9,9 +9,9 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from scaletrain.models.llama import causal_lm_loss
-from scaletrain.optim.blockllm import BlockOptimizer
 from scaletrain.optim.selection import BlockSelector, partition_blocks, reselection_due
 from scaletrain.optim.selecting import SelectsBlocks
+from tests.optim.paper_rule import block_optimizer
 
 VOCAB, MICRO = 128, 2
 
@@ -59,7 +59,7 @@ def train_block(opt, model, batches_per_step, first_step=0):
 
 def test_density_one_equals_torch_adamw_bit_for_bit():
     a, b = tiny_llama(), tiny_llama()
-    ours = BlockOptimizer(a.named_parameters(), lr=1e-2, weight_decay=0.1, density=1.0,
+    ours = block_optimizer(a.named_parameters(), lr=1e-2, weight_decay=0.1, density=1.0,
                           frozen_patterns=(), check_every=10**9)
     ref = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
     for step, (mb,) in enumerate(global_batches(20, 1)):
@@ -78,7 +78,7 @@ def test_density_one_equals_torch_adamw_bit_for_bit():
 def test_frozen_blocks_get_no_gradient_and_never_move():
     model = tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.1, check_every=10**9)
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.1, check_every=10**9)
     for step, (mb,) in enumerate(global_batches(5, 1)):
         if opt.wants_selection(step):
             with opt.selection_pass(step=step):
@@ -97,7 +97,7 @@ def test_frozen_blocks_get_no_gradient_and_never_move():
 
 def test_state_bytes_are_exact_and_within_density_budget():
     model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.2, check_every=10**9)
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.2, check_every=10**9)
     train_block(opt, model, global_batches(3, 1))
     exact = sum(t.numel() * t.element_size() for s in opt.block_state.values() for t in s.values()
                 if torch.is_tensor(t))
@@ -118,7 +118,7 @@ def test_selector_skips_an_overflowing_block_and_breaks_ties_by_name():
 
 def test_large_tensors_compete_as_row_chunks():
     model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.05, frozen_patterns=(),
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.05, frozen_patterns=(),
                          max_block_fraction=0.5)
     chunks = [b for b in opt.blocks if b.rows is not None]
     assert {b.param for b in chunks} >= {"model.embed_tokens.weight", "lm_head.weight"}
@@ -151,7 +151,7 @@ def test_patience_rule_fires_exactly_when_recent_mean_exceeds_overall_mean(histo
 
 def test_check_every_gates_the_patience_rule():
     model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.2, patience=2, check_every=4)
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.2, patience=2, check_every=4)
     opt.wants_selection(0)
     opt._apply_selection([opt.blocks[0].name])
     for loss in (1.0, 2.0, 3.0):  # getting worse: the rule holds from the 3rd loss on
@@ -163,7 +163,7 @@ def test_check_every_gates_the_patience_rule():
 def test_state_dict_round_trip_weights_only_continues_bit_identically():
     batches = global_batches(12, 1)
     a = tiny_llama()
-    opt_a = BlockOptimizer(a.named_parameters(), lr=1e-2, density=0.2, reselect_every=4)
+    opt_a = block_optimizer(a.named_parameters(), lr=1e-2, density=0.2, reselect_every=4)
     train_block(opt_a, a, batches[:6])
     buf = io.BytesIO()
     torch.save({"opt": opt_a.state_dict(), "model": a.state_dict()}, buf)
@@ -171,7 +171,7 @@ def test_state_dict_round_trip_weights_only_continues_bit_identically():
     saved = torch.load(buf, weights_only=True)
     b = tiny_llama(seed=99)
     b.load_state_dict(saved["model"])
-    opt_b = BlockOptimizer(b.named_parameters(), lr=1e-2, density=0.2, reselect_every=4)
+    opt_b = block_optimizer(b.named_parameters(), lr=1e-2, density=0.2, reselect_every=4)
     opt_b.load_state_dict(saved["opt"])
     assert opt_b.selected == opt_a.selected
     rest_a = [train_block_at(opt_a, a, batches[step], step) for step in range(6, 12)]
@@ -197,7 +197,7 @@ def _ranked_run(world, steps, keep_state=False, stage=2):
     """Each rank trains on its slice of the same global batches (micro-batches k*W + r)."""
     rank = dist.get_rank()
     model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=7,
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=7,
                          keep_state_on_reselect=keep_state, debug_checks=True)
     opt.zero_stage = stage
     per_rank = [[step[k * world + rank] for k in range(len(step) // world)]
@@ -213,7 +213,7 @@ def _ranked_run(world, steps, keep_state=False, stage=2):
 
 def _one_rank(keep_state):
     model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=7,
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=7,
                          keep_state_on_reselect=keep_state)
     losses = train_block(opt, model, global_batches(20, 12))
     return {"losses": losses, "history": opt.selection_history, "state_bytes": opt.state_bytes(),
@@ -269,7 +269,7 @@ def _wire_ratio_llama20m():
 
     world = dist.get_world_size()
     model = build_model("llama_20m", 32000, seed=0)
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-3, density=0.05)
+    opt = block_optimizer(model.named_parameters(), lr=1e-3, density=0.05)
     batch = torch.randint(0, 32000, (1, 17), generator=torch.Generator().manual_seed(dist.get_rank()))
     train_block(opt, model, [[batch]] * 2)
     ddp_allreduce = 2 * (world - 1) / world * sum(p.numel() * 4 for p in model.parameters())
@@ -285,7 +285,7 @@ def test_selection_with_a_non_finite_gradient_norm_keeps_the_current_selection(c
     """A NaN in one block's gradient during a selection pass (a bad batch, an overflow) must not
     decide the selection: the blocks chosen before stay, and the log says why."""
     model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.3, frozen_patterns=(),
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.3, frozen_patterns=(),
                          always_train=(), reselect_every=1)
     batch = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     assert opt.wants_selection(0)

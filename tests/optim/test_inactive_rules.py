@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.models.llama import causal_lm_loss
-from scaletrain.optim.blockllm import BlockOptimizer
 from scaletrain.optim.comm import pack_signs, unpack_signs
 from scaletrain.optim.selection import ALWAYS_ROW_CHUNKS
 from tests.optim.test_blockllm import global_batches, tiny_llama, train_block
+from tests.optim.paper_rule import block_optimizer
 
 ALWAYS = ("embed", "lm_head", "norm")
 FRUGAL = dict(frozen_patterns=(), always_train=ALWAYS, inactive="sign", density=0.2, reselect_every=7)
@@ -26,7 +26,7 @@ def test_sign_codes_round_trip_with_zeros():
 
 def test_always_trained_tensors_are_outside_the_budget_and_update_every_step():
     model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, **FRUGAL)
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, **FRUGAL)
     always = {n for n, _ in model.named_parameters() if any(p in n for p in ALWAYS)}
     assert {b.param for b in opt.always_blocks} == always
     chunked = [b for b in opt.always_blocks if b.rows]  # matrices in row chunks, spread over owners
@@ -48,7 +48,7 @@ def test_always_trained_tensors_are_outside_the_budget_and_update_every_step():
 
 def test_inactive_blocks_take_exactly_one_sign_step_and_chosen_ones_adam():
     model, probe = tiny_llama(), tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, weight_decay=0.1, **FRUGAL)
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, weight_decay=0.1, **FRUGAL)
     (mb,) = global_batches(1, 1)[0]
     with opt.selection_pass(step=0):
         causal_lm_loss(model, mb).backward()
@@ -70,7 +70,7 @@ def test_inactive_blocks_take_exactly_one_sign_step_and_chosen_ones_adam():
 
 def test_frozen_rest_gets_no_gradient_with_always_trained_tensors():
     model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, **dict(FRUGAL, inactive="none"))
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, **dict(FRUGAL, inactive="none"))
     train_block(opt, model, global_batches(1, 1))
     (mb,) = global_batches(1, 1, seed=5)[0]
     causal_lm_loss(model, mb).backward()
@@ -81,14 +81,14 @@ def test_frozen_rest_gets_no_gradient_with_always_trained_tensors():
 
 def test_config_rejects_a_pattern_both_frozen_and_always_trained():
     with pytest.raises(ValueError, match="both frozen_patterns and always_train"):
-        BlockOptimizer(tiny_llama().named_parameters(), lr=1e-2, frozen_patterns=("embed",),
+        block_optimizer(tiny_llama().named_parameters(), lr=1e-2, frozen_patterns=("embed",),
                        always_train=("embed",), inactive="sign")
 
 
 def _run(world, steps, stage, kw):
     rank = dist.get_rank() if dist.is_initialized() else 0
     model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, debug_checks=world > 1, max_grad_norm=1.0, **kw)
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, debug_checks=world > 1, max_grad_norm=1.0, **kw)
     opt.zero_stage = stage
     per_rank = [[step[k * world + rank] for k in range(len(step) // world)]
                 for step in global_batches(steps, 12)]

@@ -9,10 +9,10 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from scaletrain.models.llama import causal_lm_loss
-from scaletrain.optim.blockllm import BlockOptimizer
 from scaletrain.optim.lowrank import GaLoreProjector
 from scaletrain.optim.update_rules import GradNormLoRPRule
 from tests.optim.test_blockllm import VOCAB, global_batches, tiny_llama, train_block
+from tests.optim.paper_rule import block_optimizer
 
 RANK, GAP = 8, 4
 
@@ -24,7 +24,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_dense_galore_matches_galore_torch_given_the_same_gradients():
     galore_torch = pytest.importorskip("galore_torch", reason="galore-torch is a dev dependency")
     ours_model, ref_model = tiny_llama(), tiny_llama()
-    ours = BlockOptimizer(ours_model.named_parameters(), lr=1e-2, weight_decay=0.01, select_all=True,
+    ours = block_optimizer(ours_model.named_parameters(), lr=1e-2, weight_decay=0.01, select_all=True,
                           frozen_patterns=(), density=1.0, projection="galore", rank=RANK,
                           update_proj_gap=GAP, proj_scale=0.25, svd="full")
     lowrank = [p for n, p in ref_model.named_parameters() if p.dim() == 2 and ("attn" in n or "mlp" in n)]
@@ -100,7 +100,7 @@ def test_gradnorm_at_full_rank_equals_dense_adam_on_magnitude_and_direction():
     w0, x, y = torch.randn(12, 20) * 0.3, torch.randn(32, 20), torch.randn(32, 12)
     loss_of = lambda w: ((x @ w.T - y) ** 2).mean()  # noqa: E731
     w = w0.clone().requires_grad_(True)
-    ours = BlockOptimizer([("mlp.weight", w)], lr=1e-2, density=1.0, frozen_patterns=(),
+    ours = block_optimizer([("mlp.weight", w)], lr=1e-2, density=1.0, frozen_patterns=(),
                           select_all=True, projection="gradnorm_lorp", rank=64)
     g = w0.norm(dim=1, keepdim=True).clone().requires_grad_(True)
     v = (w0 / g.detach()).clone().requires_grad_(True)
@@ -120,7 +120,7 @@ def test_gradnorm_at_full_rank_equals_dense_adam_on_magnitude_and_direction():
 
 def test_gradnorm_with_projection_keeps_small_state_and_trains():
     model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, select_all=True, frozen_patterns=(),
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, select_all=True, frozen_patterns=(),
                          density=1.0, projection="gradnorm_lorp", rank=RANK, update_proj_gap=GAP)
     losses = train_block(opt, model, global_batches(1, 1) * 15)  # fit one batch
     assert losses[-1] < 0.9 * losses[0]
@@ -132,7 +132,7 @@ def test_gradnorm_with_projection_keeps_small_state_and_trains():
 def _projected_run(world, projection, keep_state, steps=20):
     rank = dist.get_rank() if dist.is_initialized() else 0
     model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.3, reselect_every=7,
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.3, reselect_every=7,
                          keep_state_on_reselect=keep_state, projection=projection, rank=RANK,
                          update_proj_gap=GAP, debug_checks=world > 1)
     per_rank = [[step[k * world + rank] for k in range(len(step) // world)]
@@ -166,7 +166,7 @@ def _wide_llama():
 
 
 def _projected_8bit(model):  # every block, spread over the ranks by owner
-    return BlockOptimizer(model.named_parameters(), lr=1e-2, select_all=True, frozen_patterns=(),
+    return block_optimizer(model.named_parameters(), lr=1e-2, select_all=True, frozen_patterns=(),
                           density=1.0, projection="galore", rank=32, update_proj_gap=GAP, eight_bit=True)
 
 

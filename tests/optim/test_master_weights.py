@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from scaletrain.optim.blockllm import BlockOptimizer
 from tests.optim.test_blockllm import global_batches, tiny_llama, train_block
+from tests.optim.paper_rule import block_optimizer
 
 STEPS, MICRO_BATCHES = 20, 12
 
@@ -17,7 +17,7 @@ def _run(world: int, bf16: bool, stage: int = 2, keep_state: bool = True) -> dic
     rank = dist.get_rank() if dist.is_initialized() else 0
     model = tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=7,
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=7,
                          keep_state_on_reselect=keep_state, debug_checks=world > 1)
     opt.zero_stage = stage
     if bf16:
@@ -96,7 +96,7 @@ def _saved(opt, model) -> dict:
 def test_masters_are_saved_and_resume_bit_identically():
     batches = global_batches(12, 2)
     a = tiny_llama().to(torch.bfloat16)
-    opt_a = BlockOptimizer(a.named_parameters(), lr=1e-2, density=0.2, reselect_every=4,
+    opt_a = block_optimizer(a.named_parameters(), lr=1e-2, density=0.2, reselect_every=4,
                            keep_state_on_reselect=True)
     opt_a.use_master_weights()
     train_block(opt_a, a, batches[:6])
@@ -105,7 +105,7 @@ def test_masters_are_saved_and_resume_bit_identically():
 
     b = tiny_llama(seed=99).to(torch.bfloat16)
     b.load_state_dict(saved["model"])
-    opt_b = BlockOptimizer(b.named_parameters(), lr=1e-2, density=0.2, reselect_every=4,
+    opt_b = block_optimizer(b.named_parameters(), lr=1e-2, density=0.2, reselect_every=4,
                            keep_state_on_reselect=True)
     opt_b.use_master_weights()
     opt_b.load_state_dict(saved["opt"])
@@ -116,7 +116,7 @@ def test_masters_are_saved_and_resume_bit_identically():
     # an fp32 run resuming the bf16 state takes the exact fp32 masters as its weights
     c = tiny_llama(seed=7)
     c.load_state_dict({k: v.float() for k, v in saved["model"].items()})
-    opt_c = BlockOptimizer(c.named_parameters(), lr=1e-2, density=0.2, reselect_every=4,
+    opt_c = block_optimizer(c.named_parameters(), lr=1e-2, density=0.2, reselect_every=4,
                            keep_state_on_reselect=True)
     opt_c.load_state_dict(saved["opt"])
     for name, st in saved["opt"]["blocks"].items():
@@ -126,7 +126,7 @@ def test_masters_are_saved_and_resume_bit_identically():
 
 def test_master_weights_must_be_enabled_before_the_first_update():
     model = tiny_llama()
-    opt = BlockOptimizer(model.named_parameters(), lr=1e-2, density=0.2)
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.2)
     train_block(opt, model, global_batches(1, 1))
     with pytest.raises(RuntimeError, match="before the first update"):
         opt.use_master_weights()

@@ -5,8 +5,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from scaletrain.data import TrainWindowLoader, c4_source, load_tokenizer
 from scaletrain.optim import quant8
-from scaletrain.optim.blockllm import BlockOptimizer
 from tests.optim.test_blockllm import train_block
+from tests.optim.paper_rule import block_optimizer
 
 
 def test_codebooks_fit_a_byte_and_cover_the_range():
@@ -76,7 +76,7 @@ def test_eight_bit_moments_track_fp32_moments():
     opts = []
     for eight_bit in (True, False):
         w = torch.zeros(64, 128, requires_grad=True)
-        opt = BlockOptimizer([("w", w)], lr=1e-3, select_all=True, frozen_patterns=(), density=1.0,
+        opt = block_optimizer([("w", w)], lr=1e-3, select_all=True, frozen_patterns=(), density=1.0,
                              eight_bit=eight_bit)
         for g in grads:
             w.grad = g.clone()
@@ -104,7 +104,7 @@ def _c4_run(vocab, batches, eight_bit, projection):
                                          num_attention_heads=4, num_key_value_heads=4,
                                          num_hidden_layers=2, max_position_embeddings=128,
                                          tie_word_embeddings=False))
-    opt = BlockOptimizer(model.named_parameters(), lr=3e-3, select_all=True, frozen_patterns=(),
+    opt = block_optimizer(model.named_parameters(), lr=3e-3, select_all=True, frozen_patterns=(),
                          density=1.0, eight_bit=eight_bit, projection=projection, rank=16)
     return train_block(opt, model, batches)
 
