@@ -2,8 +2,8 @@
 several seeds, and compare held-out loss, optimizer-state bytes, step time and wire bytes.
 
     python tools/quality_run.py --preset llama_20m --steps 600 --seeds 0,1 \\
-        --modes adamw,galore_torch,galore,blockllm,block,block_sign,block_frozen \\
-        --lr-grid adamw=1e-3,3e-3 block_sign=1e-3,3e-3 --out runs/quality_20m_600
+        --modes adamw,galore_torch,galore,blockllm,block,block_8bit,block_frozen \\
+        --lr-grid adamw=1e-3,3e-3 block=1e-3,3e-3 --out runs/quality_20m_600
 
 Every run is a normal `launch/pretrain.py` run with the same trainer, data order (the corpus in
 file order, never repeated within ~50M tokens), schedule (warm-up 5% of the steps, then cosine to
