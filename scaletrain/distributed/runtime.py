@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from scaletrain.distributed.wire import Wire
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -100,11 +102,16 @@ def _comm_backend() -> str:
     return get_accelerator().communication_backend_name()
 
 
+# the run's own scalar collectives (loss means, finiteness flags, evaluation sums), counted apart
+# from the optimizer's: every tensor collective of ours goes through a Wire
+SCALARS = Wire()
+
+
 def all_reduce_mean(value: float, ctx: DistContext) -> float:
     if ctx.world_size == 1:
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64, device=_coll_device(ctx))
-    dist.all_reduce(t)
+    SCALARS.all_reduce(t)
     return t.item() / ctx.world_size
 
 
@@ -112,7 +119,7 @@ def all_reduce_max(value: float, ctx: DistContext) -> float:
     if ctx.world_size == 1:
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64, device=_coll_device(ctx))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    SCALARS.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
 
@@ -120,7 +127,7 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     if ctx.world_size == 1:
         return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=_coll_device(ctx))
-    dist.all_reduce(t)
+    SCALARS.all_reduce(t)
     return t.tolist()
 
 

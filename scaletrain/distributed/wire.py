@@ -1,4 +1,6 @@
-"""The collectives the optimizers issue, through one object that counts the bytes this rank sends.
+"""Every tensor collective scaletrain issues (the optimizers' own, the run's scalars:
+runtime.SCALARS, the zeroth-order Fisher sum), through one object that counts the bytes this rank
+sends. (Checkpoint commits exchange small Python objects and barriers, no tensors.)
 
 Counted from the tensors handed to each collective, as NCCL's bandwidth-optimal algorithms send
 them (ring or chain), per rank, the mean over ranks where ranks differ:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from scaletrain.distributed.wire import Wire
+
 
 def candidate_names(model: torch.nn.Module, patterns) -> list[str]:
     """2-D weights whose name contains one of `patterns` ('' matches all), in model order."""
@@ -113,7 +115,7 @@ def fisher_diagonal(model: torch.nn.Module, names: list[str], sequences: list[to
         for n, p in params.items():
             p.requires_grad_(was[n])
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(fisher, group=group)  # the one collective
+        Wire(group).all_reduce(fisher)  # the one collective
     return fisher, spans
 
 
