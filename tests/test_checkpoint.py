@@ -142,6 +142,7 @@ def three_checkpoints(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # kills a training process mid-save
 def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path, three_checkpoints):
     """Killed while its last checkpoint (step 6) is half written; three_checkpoints is the same
     run uninterrupted."""

@@ -10,7 +10,7 @@ from scaletrain.models.llama import build_model
 from tests.launching import REPO, TINY, run_pretrain, write_ds_config
 
 
-@pytest.fixture(scope="module", params=["one_rank", "fsdp2_two_ranks"])
+@pytest.fixture(scope="module", params=["one_rank", pytest.param("fsdp2_two_ranks", marks=pytest.mark.slow)])
 def trained_run(tmp_path_factory, request):
     """One rank, or FSDP2 at 2 ranks: each rank's file then holds its own rows of the weights."""
     tmp = tmp_path_factory.mktemp("export")
