@@ -2,8 +2,9 @@
 
     python tools/bench_quant8.py [--numel 33554432] [--device cpu|cuda] [--repeat 10]
 
-Kernels: torch.bucketize (the binary search the lookup replaced, as a reference), the pure-torch
-table lookup (scaletrain.optim.quant8.quantize_torch, what CPU runs use) and, on CUDA with
+Rows: the nearest-code search alone, by torch.bucketize (the binary search the lookup replaced)
+and by the table lookup (quant8.nearest_codes), on the same normalised values; the whole pure-torch
+quantize and dequantize (what CPU runs use); and, on CUDA with
 bitsandbytes installed, bitsandbytes' blockwise kernels (what GPU runs use). Values are |N(0, 1)|
 times 1e-3, an Adam second moment's kind; the median of --repeat timed calls after a warm-up.
 """
@@ -21,13 +22,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scaletrain.optim import quant8  # noqa: E402
-
-
-def bucketize_quantize(t: torch.Tensor, signed: bool):
-    flat = t.reshape(-1, quant8.CHUNK)
-    absmax = flat.abs().amax(dim=1)
-    normed = flat / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    return torch.bucketize(normed, quant8._midpoints(signed).to(t.device)).to(torch.uint8), absmax
 
 
 def timed(fn, repeat: int, device: torch.device) -> float:
@@ -52,11 +46,15 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    x = torch.randn(args.numel, device=device).abs() * 1e-3
+    x = torch.randn(args.numel - args.numel % quant8.CHUNK, device=device).abs() * 1e-3
     codes, absmax = quant8.quantize_torch(x, False)
+    chunks = x.view(-1, quant8.CHUNK)
+    normed = chunks / chunks.abs().amax(dim=1, keepdim=True)
+    mids = quant8._midpoints(False).to(device)
     rows = {
-        "bucketize (reference)": timed(lambda: bucketize_quantize(x, False), args.repeat, device),
-        "torch lookup: quantize": timed(lambda: quant8.quantize_torch(x, False), args.repeat, device),
+        "nearest code: bucketize": timed(lambda: torch.bucketize(normed, mids), args.repeat, device),
+        "nearest code: table lookup": timed(lambda: quant8.nearest_codes(normed, False), args.repeat, device),
+        "torch: quantize": timed(lambda: quant8.quantize_torch(x, False), args.repeat, device),
         "torch: dequantize": timed(lambda: quant8.dequantize_torch(codes, absmax, False), args.repeat, device),
     }
     if quant8.uses_bitsandbytes(device):
