@@ -56,7 +56,8 @@ def _midpoints(signed: bool) -> torch.Tensor:
 # The nearest entry by table lookup instead of a binary search (torch.bucketize; speeds in the
 # README, from tools/bench_quant8.py): the top 32 - _KEY_SHIFT bits of a float32 (sign, exponent,
 # 9 mantissa bits) name a bucket narrower (2^-9 relative) than any gap between neighbouring
-# midpoints (>= 0.7% relative), so a bucket holds at most one midpoint: the code of its smallest value, plus one above that midpoint.
+# midpoints (>= 0.7% relative), so a bucket holds at most one midpoint: the code of its smallest
+# value, plus one above that midpoint.
 _KEY_SHIFT = 14
 
 
