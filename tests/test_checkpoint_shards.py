@@ -13,6 +13,7 @@ from tests.optim.paper_rule import block_optimizer
 
 LOWRANK_8BIT = dict(select_all=True, frozen_patterns=(), density=1.0, projection="galore", rank=8, eight_bit=True)
 ROWS = dict(select_all=True, frozen_patterns=(), density=1.0)  # plain Adam: FSDP2 keeps rows
+KWARGS = {"owner_8bit": LOWRANK_8BIT, "fsdp_rows": ROWS, "fsdp_rows_8bit": dict(ROWS, eight_bit=True)}
 
 
 def _bytes(obj) -> bytes:  # tensors cross the process boundary as bytes
@@ -81,15 +82,20 @@ def fsdp_sliced(value, ref) -> bool:
 
 
 @pytest.mark.parametrize("case,new_world,fsdp_after", [("owner_8bit", 3, False), ("owner_8bit", 1, False),
-                                                        ("fsdp_rows", 3, True), ("fsdp_rows", 1, False)])
+                                                        ("fsdp_rows", 3, True), ("fsdp_rows", 1, False),
+                                                        ("fsdp_rows_8bit", 3, True), ("fsdp_rows_8bit", 1, False)])
 def test_block_state_written_once_and_read_back_exactly_elsewhere(ranks, tmp_path, case, new_world, fsdp_after):
-    fsdp = case == "fsdp_rows"
-    kwargs = ROWS if fsdp else LOWRANK_8BIT
+    fsdp = case.startswith("fsdp_rows")
+    kwargs = KWARGS[case]
     want = torch.load(io.BytesIO(ranks(_save, 2, tmp_path, kwargs, fsdp)[0]))
     writers = block_writers(tmp_path / "step_00000002")
     assert set(writers) == set(want) and set().union(*writers.values()) == {0, 1}
     if not fsdp:  # each block's state in exactly one rank's file: its owner's
         assert all(len(r) == 1 for r in writers.values())
+    else:  # row shards: a block's rows written by the ranks holding them (8-bit ones too)
+        assert any(len(r) == 2 for r in writers.values())
+    if kwargs.get("eight_bit"):  # (matrices' moments in 8 bits)
+        assert any(k.endswith("_q") for st in want.values() for k in st)
     loaded = (ranks(_load, new_world, tmp_path, kwargs, fsdp_after) if new_world > 1
               else [_load(tmp_path, kwargs, fsdp_after)])
     parts = [torch.load(io.BytesIO(b)) for b in loaded]

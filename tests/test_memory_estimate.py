@@ -255,9 +255,10 @@ def test_block_and_zero2_per_rank_predictions_at_two_ranks(ranks):
 
 
 def test_eight_bit_moment_layout():
-    assert moment_bytes(4095, True) == 4095 * 4  # below quant8.MIN_NUMEL: fp32
-    assert moment_bytes(4096, True) == 4096 + 16 * 4
-    assert moment_bytes(5000, True) == 5000 + math.ceil(5000 / 256) * 4
+    assert moment_bytes((63, 65), True) == 63 * 65 * 4  # below quant8.MIN_NUMEL: fp32
+    assert moment_bytes((16, 256), True) == 4096 + 16 * 4
+    assert moment_bytes((10, 500), True) == 5000 + 10 * math.ceil(500 / 256) * 4  # chunks per row
+    assert moment_bytes((5000,), True) == 5000 * 4  # 1-D (norm weights): fp32
 
 
 def test_fsdp_row_shards_add_up_to_the_whole_state():
@@ -267,10 +268,15 @@ def test_fsdp_row_shards_add_up_to_the_whole_state():
     whole = selected_state_bytes(chosen)[0]["total"]
     shards = selected_state_bytes(chosen, world_size=3, zero_stage=3, param_shapes=dict(spec.named_shapes))
     assert sum(s["total"] for s in shards) == whole  # plain Adam: row shards partition the state
-    # projected or 8-bit states need the whole block: under FSDP2 they live on owners, as at stage 2
-    for kw in (dict(projection="galore", rank=32), dict(eight_bit=True)):
-        assert selected_state_bytes(chosen, world_size=3, zero_stage=3, **kw) == \
-            selected_state_bytes(chosen, world_size=3, zero_stage=2, **kw)
+    # 8-bit moments are chunked row by row, so their row shards partition the 8-bit state too
+    whole8 = selected_state_bytes(chosen, eight_bit=True)[0]["total"]
+    shards8 = selected_state_bytes(chosen, world_size=3, zero_stage=3, eight_bit=True,
+                                   param_shapes=dict(spec.named_shapes))
+    assert sum(s["total"] for s in shards8) == whole8 < whole / 3
+    # projected states need the whole block: under FSDP2 they live on owners, as at stage 2
+    kw = dict(projection="galore", rank=32)
+    assert selected_state_bytes(chosen, world_size=3, zero_stage=3, **kw) == \
+        selected_state_bytes(chosen, world_size=3, zero_stage=2, **kw)
 
 
 def _saved_bytes(model, windows, autocast):

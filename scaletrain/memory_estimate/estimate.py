@@ -232,13 +232,13 @@ def _block_parts(spec: ModelSpec, s: Setup, bd: dict, info: dict, notes: list, m
         total = {k: chosen.get(k, 0) + always_total[k] for k in always_total}
         largest = max([b.numel for b in (fits or blocks)] + [c for c, _, _, _ in always_items])
         info.update(selected_params_worst=cap)
-        layout = block_layout(W, s.zero_stage, s.projection, s.eight_bit, shapes)
+        layout = block_layout(W, s.zero_stage, s.projection, shapes)
         if layout.fsdp_rows and W > 1:
             # every rank: its rows of every selected block; rank 0's are the largest
             shard_items = []
             for c, _, b, shape in items:
                 local = layout.rows_of_rank(b, 0)
-                parts = block_state_bytes(b.param, (local, *shape[1:]), **rule) if local else \
+                parts = block_state_bytes(b.param, (local, *shape[1:]), block_numel=b.numel, **rule) if local else \
                     {"moments": 0, "projection": 0, "magnitude": 0, "master": 0}
                 parts["total"] = sum(parts.values())
                 shard_items.append((c, parts))

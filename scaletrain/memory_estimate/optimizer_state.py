@@ -13,19 +13,21 @@ from scaletrain.optim.selection import Block
 PROJECTIONS = ("none", "galore", "gradnorm_lorp")
 
 
-def moment_bytes(numel: int, eight_bit: bool = False, dtype_bytes: int = 4) -> int:
-    """One Adam moment tensor: fp32, or with 8-bit (quant8) and numel >= quant8.MIN_NUMEL one
-    uint8 code per value + one fp32 absmax per quant8.CHUNK values."""
+def moment_bytes(shape: Sequence[int], eight_bit: bool = False, dtype_bytes: int = 4) -> int:
+    """One Adam moment tensor of `shape`: fp32, or with 8-bit (quant8) for a matrix of at least
+    quant8.MIN_NUMEL values one uint8 code per value + one fp32 absmax per chunk of quant8.CHUNK
+    values of a row."""
     from scaletrain.optim import quant8
 
-    if eight_bit and numel >= quant8.MIN_NUMEL:
-        return numel + 4 * math.ceil(numel / quant8.CHUNK)
+    numel = math.prod(shape)
+    if eight_bit and len(shape) >= 2 and numel >= quant8.MIN_NUMEL:
+        return numel + 4 * math.prod(quant8.absmax_shape(shape))
     return numel * dtype_bytes
 
 
 def block_state_bytes(param: str, shape: Sequence[int], *, projection: str = "none", rank: int = 128,
                       eight_bit: bool = False, proj_patterns: Sequence[str] = ("attn", "mlp"),
-                      master: bool = False, dtype_bytes: int = 4) -> dict[str, int]:
+                      master: bool = False, dtype_bytes: int = 4, block_numel: int | None = None) -> dict[str, int]:
     """State bytes the block optimizer's update rule keeps for one block of `shape` (a parameter,
     or a row chunk of it, or an FSDP row shard) of parameter `param`, by asking the rule itself:
     its `new_state` for such a block, allocated on the meta device (no memory). By key:
@@ -48,7 +50,8 @@ def block_state_bytes(param: str, shape: Sequence[int], *, projection: str = "no
                       proj_patterns=tuple(proj_patterns), eight_bit=eight_bit)
     dtype = {4: torch.float32, 2: torch.bfloat16}[dtype_bytes]
     with torch.device("meta"):
-        state = rule.new_state(Block(param, param, None, math.prod(shape)), torch.empty(shape, dtype=dtype))
+        block = Block(param, param, None, math.prod(shape) if block_numel is None else block_numel)
+        state = rule.new_state(block, torch.empty(shape, dtype=dtype))
     out = {"moments": 0, "projection": 0, "magnitude": 0, "master": 4 * math.prod(shape) if master else 0}
     for key, value in state.items():
         if torch.is_tensor(value):
@@ -66,14 +69,14 @@ def _parse_block(name: str) -> tuple[str, tuple[int, int] | None]:
     return name, None
 
 
-def block_layout(world_size: int, zero_stage: int, projection: str, eight_bit: bool,
+def block_layout(world_size: int, zero_stage: int, projection: str,
                  param_shapes: dict[str, Sequence[int]] | None = None) -> BlockLayout:
     """The block optimizer's layout (scaletrain.optim.layout) for a hypothetical run, seen from
     rank 0: stage 3 is FSDP2, where plain fp32 Adam keeps row shards of every block's state on
-    every rank and a projected or 8-bit state lives on its owner."""
+    every rank (fp32 or 8-bit moments) and a projected state lives on its owner."""
     fsdp = zero_stage >= 3
     rows = {p: s[0] for p, s in (param_shapes or {}).items()}
-    return BlockLayout(rows, fsdp=fsdp, fsdp_rows=fsdp_row_shards(fsdp, projection, eight_bit),
+    return BlockLayout(rows, fsdp=fsdp, fsdp_rows=fsdp_row_shards(fsdp, projection),
                        zero_stage=zero_stage, world_size=world_size, rank=0)
 
 
@@ -87,9 +90,9 @@ def selected_state_bytes(selected: Iterable[tuple[str, Sequence[int]]], *, world
     selected: (block name, block shape) pairs, e.g. [(n, shape of block n) for n in opt.selected];
     a row chunk is named 'param[rows a:b]' and has shape (b - a, n). Ownership as the block
     optimizer realises the ZeRO stage: 0 (or one rank): every rank holds every block; 1, 2: each
-    block on its owner (selection.owner_map); 3 (FSDP2): with plain fp32 Adam every rank holds its
-    Shard(0) rows of every block (param_shapes, the full parameter shapes, is needed then); with a
-    projection or 8-bit moments each whole block's state is on its owner, as at stage 2.
+    block on its owner (selection.owner_map); 3 (FSDP2): with plain Adam (fp32 or 8-bit) every
+    rank holds its Shard(0) rows of every block (param_shapes, the full parameter shapes, is
+    needed then); with a projection each whole block's state is on its owner, as at stage 2.
     master: bf16 weights, so each held block also has its fp32 master (not at stage 3).
     Returns, per rank, a dict with 'moments', 'projection', 'magnitude', 'master' and 'total'."""
     items = [(name, tuple(shape)) for name, shape in selected]
@@ -98,7 +101,7 @@ def selected_state_bytes(selected: Iterable[tuple[str, Sequence[int]]], *, world
     rule = dict(projection=projection, rank=rank, eight_bit=eight_bit, proj_patterns=tuple(proj_patterns),
                 master=master)
     per_rank = [{"moments": 0, "projection": 0, "magnitude": 0, "master": 0} for _ in range(world_size)]
-    layout = block_layout(world_size, zero_stage, projection, eight_bit, param_shapes)
+    layout = block_layout(world_size, zero_stage, projection, param_shapes)
     row_shards = layout.fsdp_rows and world_size > 1  # (one rank holds every row: whole blocks)
     if row_shards and param_shapes is None:
         raise ValueError("zero_stage 3 (FSDP2 row shards) needs param_shapes")
@@ -111,7 +114,8 @@ def selected_state_bytes(selected: Iterable[tuple[str, Sequence[int]]], *, world
             local = layout.rows_of_rank(b, r) if row_shards else None
             if local == 0:
                 continue  # FSDP2: the block has no rows on this rank
-            parts = block_state_bytes(b.param, shape if local is None else (local, *shape[1:]), **rule)
+            parts = block_state_bytes(b.param, shape if local is None else (local, *shape[1:]),
+                                      block_numel=b.numel, **rule)
             for k, v in parts.items():
                 per_rank[r][k] += v
     for d in per_rank:

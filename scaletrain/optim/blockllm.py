@@ -111,7 +111,7 @@ class BlockOptimizer(MasterWeights, BlockStateIO, torch.optim.Optimizer):
         self.select_all = select_all
         # who owns what and which rows are here; zero_stage: the engine sets the ds_config's stage
         self.layout = BlockLayout({n: (p.shape[0] if p.dim() else 1) for n, p in named}, fsdp=fsdp,
-                                  fsdp_rows=fsdp_row_shards(fsdp, projection, eight_bit),
+                                  fsdp_rows=fsdp_row_shards(fsdp, projection),
                                   group=process_group, zero_stage=2)
         self.selected: list[str] = []  # every block Adam updates now: the chosen + the always-trained
         self.chosen: list[str] = []    # the candidate blocks the last selection chose
@@ -158,8 +158,8 @@ class BlockOptimizer(MasterWeights, BlockStateIO, torch.optim.Optimizer):
 
     @property
     def fsdp_rows(self) -> bool:
-        """FSDP2 with plain fp32 AdamW: every rank updates its rows of every block; a projected or
-        8-bit state needs the whole block, so each is gathered to its owner."""
+        """FSDP2 with plain AdamW (fp32 or 8-bit): every rank updates its rows of every block; a
+        projected state needs the whole block, so each is gathered to its owner."""
         return self.layout.fsdp_rows
 
     @property

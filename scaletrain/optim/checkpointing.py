@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.optim.selection import Block
+from scaletrain.optim.update_rules import chunked_by_rows
 
 
 class BlockStateIO:
@@ -128,7 +129,7 @@ class BlockStateIO:
         got = saved.read({prefix + k: None for k in whole + [p[2] for ps in pieces.values() for p in ps]})
         state = {k: got[prefix + k] for k in whole}
         if self.fsdp_rows:  # a whole block saved by an owner: this rank's rows of it
-            state = {k: (v[lo - a:hi - a] if torch.is_tensor(v) else v) for k, v in state.items()}
+            state = {k: (v[lo - a:hi - a] if torch.is_tensor(v) else v) for k, v in chunked_by_rows(state).items()}
         for key, ps in pieces.items():
             ps.sort()
             parts = [got[prefix + k][max(lo, f) - f:min(hi, e) - f] for f, e, k in ps]
@@ -159,7 +160,8 @@ class BlockStateIO:
             return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in st.items()}
         lo, hi, _ = self._local_rows(b)
         a = b.rows[0] if b.rows else 0
-        return {k: (v[lo - a:hi - a].clone().to(self.device) if torch.is_tensor(v) else v) for k, v in st.items()}
+        return {k: (v[lo - a:hi - a].clone().to(self.device) if torch.is_tensor(v) else v)
+                for k, v in chunked_by_rows(dict(st)).items()}
 
     def load_state_dict(self, state: dict) -> None:
         self._load_selection(state)

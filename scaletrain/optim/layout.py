@@ -6,8 +6,9 @@ the optimizer does). The ZeRO stage is realised per block:
 
   replicated   one rank, or stage 0: every rank holds every selected block's state (DDP)
   owner        stages 1 and 2: each block's state on its one owner (selection.owner_map)
-  FSDP rows    FSDP2 with plain fp32 Adam: every rank holds its Shard(0) rows of every block
-  FSDP owner   FSDP2 with a projected or 8-bit state (which needs the whole block): the block's
+  FSDP rows    FSDP2 with plain Adam (fp32 or 8-bit moments, quantized row by row): every rank
+               holds its Shard(0) rows of every block
+  FSDP owner   FSDP2 with a projected state (the basis needs the whole block): the block's
                state on its owner, its rows gathered there for the update
 
 Under FSDP2 a parameter is torch.chunk'ed by rows: ceil(rows / W) rows per rank, the last ranks
@@ -34,10 +35,11 @@ def shard_rows(rows: int, block_rows: tuple[int, int] | None, rank: int, world: 
     return lo, max(lo, min(z, end)), start
 
 
-def fsdp_row_shards(fsdp: bool, projection: str, eight_bit: bool) -> bool:
-    """Whether every rank keeps its rows of every block's state (FSDP2 with plain fp32 Adam). A
-    projected or 8-bit state needs the whole block, so it lives on the block's owner instead."""
-    return fsdp and projection == "none" and not eight_bit
+def fsdp_row_shards(fsdp: bool, projection: str) -> bool:
+    """Whether every rank keeps its rows of every block's state (FSDP2 with plain Adam; 8-bit
+    moments are chunked row by row, so a rank's rows quantize as inside the whole block). A
+    projected state needs the whole block, so it lives on the block's owner instead."""
+    return fsdp and projection == "none"
 
 
 class BlockLayout:

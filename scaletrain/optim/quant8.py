@@ -3,11 +3,16 @@
 
 A moment tensor is cut into chunks of CHUNK values; each chunk is divided by its absolute maximum
 (kept in fp32) and every value is replaced by the index of the nearest entry of a 256-entry
-codebook. The codebook is "dynamic": it spends its entries evenly over decades (1e-6..1), so small
-values keep their relative precision, which a linear int8 grid would round to zero. That matters
-for Adam's second moment: a zeroed v turns the update into m / eps.
+codebook. A matrix is chunked row by row (each row's last chunk may be short; absmax has shape
+[rows, chunks per row]), so any run of rows is quantized exactly as inside the whole matrix: an
+FSDP2 rank keeps its rows of an 8-bit state, and a checkpoint of row pieces reshards by rows. A
+1-D tensor (and a state saved before row chunking, with a 1-D absmax) is chunked flat.
 
-Storage: 1 byte per value + 4 bytes per CHUNK values (1.016 B/value at CHUNK 256).
+The codebook is "dynamic": it spends its entries evenly over decades (1e-6..1), so small values
+keep their relative precision, which a linear int8 grid would round to zero. That matters for
+Adam's second moment: a zeroed v turns the update into m / eps.
+
+Storage: 1 byte per value + 4 bytes per chunk (1.016 B/value where rows are multiples of 256).
 
 Kernels: on CUDA tensors, bitsandbytes' blockwise quantization kernels (`quantize_blockwise`,
 `dequantize_blockwise`) with this module's codebooks, when bitsandbytes is installed; elsewhere the
@@ -99,42 +104,76 @@ def uses_bitsandbytes(device: torch.device) -> bool:
     return device.type == "cuda" and _bitsandbytes() is not None
 
 
+def _row_layout(shape) -> tuple[int, int]:
+    """(rows, values per row) of the chunking: a matrix row by row (trailing dims flattened), a
+    1-D tensor as one row."""
+    shape = tuple(shape)
+    return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
+
+
+def _chunks(t: torch.Tensor) -> torch.Tensor:
+    """t as [chunks, CHUNK] (a copy only where padding is needed), same dtype: each row (see
+    _row_layout) zero-padded to whole chunks."""
+    rows, per_row = _row_layout(t.shape)
+    x = t.detach().reshape(rows, per_row)
+    pad = -per_row % CHUNK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(-1, CHUNK)
+
+
+def _unchunk(chunked: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of _chunks: drop the padding, restore the shape."""
+    rows, per_row = _row_layout(shape)
+    return chunked.reshape(rows, per_row + -per_row % CHUNK)[:, :per_row].reshape(shape)
+
+
+def absmax_shape(shape) -> tuple[int, ...]:
+    """The absmax of a quantized tensor of `shape`: [rows, chunks per row] for a matrix, else [chunks]."""
+    shape = tuple(shape)
+    if len(shape) >= 2:
+        return (shape[0], math.ceil(math.prod(shape[1:]) / CHUNK))
+    return (math.ceil(math.prod(shape) / CHUNK),)
+
+
 def quantize(t: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes uint8 shaped like t, absmax fp32 of shape [ceil(numel / CHUNK)])."""
-    if uses_bitsandbytes(t.device):
-        codes, qstate = _bitsandbytes().quantize_blockwise(
-            t.detach().float().reshape(-1), code=dynamic_codebook(signed).to(t.device), blocksize=CHUNK)
-        return codes.view(t.shape), qstate.absmax.float()
-    return quantize_torch(t, signed)
+    """(codes uint8 shaped like t, absmax fp32 shaped absmax_shape(t.shape)); bitsandbytes'
+    kernel on CUDA where installed, else quantize_torch."""
+    if not uses_bitsandbytes(t.device):
+        return quantize_torch(t, signed)
+    codes, qstate = _bitsandbytes().quantize_blockwise(
+        _chunks(t.float()).reshape(-1), code=dynamic_codebook(signed).to(t.device), blocksize=CHUNK)
+    return _unchunk(codes.view(-1, CHUNK), t.shape).contiguous(), qstate.absmax.float().view(absmax_shape(t.shape))
 
 
 def quantize_torch(t: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize() in pure torch, on any device."""
-    flat = t.detach().float().reshape(-1)
-    n_chunks = math.ceil(flat.numel() / CHUNK)
-    padded = torch.nn.functional.pad(flat, (0, n_chunks * CHUNK - flat.numel())).view(n_chunks, CHUNK)
-    absmax = padded.abs().amax(dim=1)
-    normed = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    codes = nearest_codes(normed, signed)
-    return codes.view(-1)[: flat.numel()].to(torch.uint8).view(t.shape), absmax
+    chunked = _chunks(t.float())
+    absmax = chunked.abs().amax(dim=1)
+    codes = nearest_codes(chunked / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1), signed)
+    return _unchunk(codes, t.shape).contiguous(), absmax.view(absmax_shape(t.shape))
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
-    if uses_bitsandbytes(codes.device):
-        out = _bitsandbytes().dequantize_blockwise(codes.reshape(-1), absmax=absmax,
-                                                   code=dynamic_codebook(signed).to(codes.device),
-                                                   blocksize=CHUNK)
-        return out.view(codes.shape)
-    return dequantize_torch(codes, absmax, signed)
+    """fp32 values shaped like codes; bitsandbytes' kernel on CUDA where installed, else
+    dequantize_torch. A 1-D absmax (a 1-D tensor, or a state saved before row chunking) means
+    flat chunks."""
+    if not uses_bitsandbytes(codes.device):
+        return dequantize_torch(codes, absmax, signed)
+    shape = codes.shape if absmax.dim() > 1 else (codes.numel(),)
+    values = _bitsandbytes().dequantize_blockwise(_chunks(codes.reshape(shape)).reshape(-1),
+                                                  absmax=absmax.reshape(-1), blocksize=CHUNK,
+                                                  code=dynamic_codebook(signed).to(codes.device))
+    return _unchunk(values.view(-1, CHUNK), shape).view(codes.shape)
 
 
 def dequantize_torch(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     """dequantize() in pure torch, on any device."""
+    shape = codes.shape if absmax.dim() > 1 else (codes.numel(),)
     book = dynamic_codebook(signed).to(codes.device)
-    values = book[codes.reshape(-1).long()]
-    n_chunks = absmax.numel()
-    padded = torch.nn.functional.pad(values, (0, n_chunks * CHUNK - values.numel())).view(n_chunks, CHUNK)
-    return (padded * absmax.unsqueeze(1)).view(-1)[: codes.numel()].view(codes.shape)
+    index = _chunks(codes.reshape(shape)).reshape(-1).to(torch.int32)
+    values = torch.index_select(book, 0, index).view(-1, CHUNK) * absmax.reshape(-1, 1)
+    return _unchunk(values, shape).view(codes.shape)
 
 
 def quantized(numel: int) -> bool:

@@ -3,10 +3,10 @@
   Replicated   one rank, or stage 0 (DDP): all-reduce the gradients; every rank updates every block
   Owner        stages 1 and 2: reduce to the owner (stage 2; stage 1 all-reduces), the owner
                updates, then broadcasts the new values
-  FsdpRows     FSDP2 with plain fp32 Adam: FSDP already reduce-scattered the rows; every rank
-               updates its rows of every block, nothing to publish
-  FsdpOwner    FSDP2 with projected or 8-bit states: each block's rows are gathered to its owner,
-               which updates the whole block and scatters the rows back
+  FsdpRows     FSDP2 with plain Adam (fp32 or 8-bit): FSDP already reduce-scattered the rows;
+               every rank updates its rows of every block, nothing to publish
+  FsdpOwner    FSDP2 with projected states: each block's rows are gathered to its owner, which
+               updates the whole block and scatters the rows back
 
 The sync points of a step, in order: (1) the inactive blocks' sign step (before any gradient is
 dropped, since inactive blocks can share a tensor with chosen row chunks), (2) the gradient
@@ -148,7 +148,7 @@ class Owner(StepLayout):
 
 
 class FsdpRows(StepLayout):
-    """FSDP2, plain fp32 Adam: FSDP reduce-scattered (averaged) the gradient rows in backward;
+    """FSDP2, plain Adam: FSDP reduce-scattered (averaged) the gradient rows in backward;
     every rank updates its rows of every block in place, so there is nothing to publish."""
 
     def __init__(self, opt):
@@ -160,7 +160,7 @@ class FsdpRows(StepLayout):
 
 
 class FsdpOwner(FsdpRows):
-    """FSDP2 with projected or 8-bit states: each block's rows of gradient and weight are gathered
+    """FSDP2 with projected states: each block's rows of gradient and weight are gathered
     to its owner, which runs the rule on the whole block and scatters the new rows back."""
 
     def run(self, blocks: list, hyper: Hyper, sq_inactive: torch.Tensor) -> None:

@@ -12,8 +12,9 @@ owner can allocate the buffers it receives a moved state into) and updates a blo
 
 State layout (tensors and plain numbers only, keyed per block by the optimizer):
   step                    float, updates applied
-  exp_avg, exp_avg_sq     moments (projected shape for projected blocks); with 8-bit and at least
-                          quant8.MIN_NUMEL values: <key>_q (uint8) and <key>_absmax (fp32)
+  exp_avg, exp_avg_sq     moments (projected shape for projected blocks); with 8-bit, for matrices
+                          of at least quant8.MIN_NUMEL values: <key>_q (uint8, the moment's shape)
+                          and <key>_absmax (fp32, [rows, chunks per row]: quant8)
   proj                    the GaLore basis (r x n or m x r), projected blocks only
   proj_stale              1.0 when the basis must be refit at the next update (reselection)
   mag_exp_avg(_sq)        GradNormLoRP: moments of the per-row magnitudes (m values each)
@@ -44,14 +45,18 @@ class MomentStore:
     def __init__(self, eight_bit: bool):
         self.eight_bit = eight_bit
 
-    def _quantized(self, numel: int) -> bool:
-        return self.eight_bit and quant8.quantized(numel)
+    def quantizes(self, shape, whole_numel: int | None = None) -> bool:
+        """Whether a moment of `shape` is kept in 8 bits: matrices of at least quant8.MIN_NUMEL
+        values, judged on the whole block (`whole_numel`) where `shape` is an FSDP2 row shard of
+        it, so every rank decides alike. 1-D moments (norm weights) stay fp32: chunks of a flat
+        tensor would not follow FSDP2's row shards, and they are a few thousand values a layer."""
+        numel = math.prod(shape) if whole_numel is None else whole_numel
+        return self.eight_bit and len(shape) >= 2 and quant8.quantized(numel)
 
-    def alloc(self, state: dict, key: str, shape, dtype) -> None:
-        numel = math.prod(shape)
-        if self._quantized(numel):
+    def alloc(self, state: dict, key: str, shape, dtype, whole_numel: int | None = None) -> None:
+        if self.quantizes(shape, whole_numel):
             state[f"{key}_q"] = torch.zeros(shape, dtype=torch.uint8)
-            state[f"{key}_absmax"] = torch.zeros(quant8.n_chunks(numel), dtype=torch.float32)
+            state[f"{key}_absmax"] = torch.zeros(quant8.absmax_shape(shape), dtype=torch.float32)
         else:
             state[key] = torch.zeros(shape, dtype=dtype)
 
@@ -64,6 +69,17 @@ class MomentStore:
         if key in state:
             return  # fp32 moments were updated in place
         state[f"{key}_q"], state[f"{key}_absmax"] = quant8.quantize(value, signed)
+
+
+def chunked_by_rows(state: dict) -> dict:
+    """A plain-Adam state whose 8-bit matrices were saved flat-chunked (1-D absmax, before row
+    chunking), re-quantized row by row, so it can be cut into FSDP2 row shards; else as it is."""
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        codes, absmax = state.get(f"{key}_q"), state.get(f"{key}_absmax")
+        if codes is not None and codes.dim() >= 2 and absmax.dim() == 1:
+            state[f"{key}_q"], state[f"{key}_absmax"] = quant8.quantize(quant8.dequantize(codes, absmax, signed),
+                                                                        signed)
+    return state
 
 
 def _to(state: dict, device) -> dict:
@@ -87,8 +103,8 @@ class AdamWRule(PerBlockRule):
 
     def new_state(self, block, weight: torch.Tensor) -> dict:
         state = {"step": 0.0}
-        for key in ("exp_avg", "exp_avg_sq"):
-            self.moments.alloc(state, key, weight.shape, weight.dtype)
+        for key in ("exp_avg", "exp_avg_sq"):  # (weight: the block, or its local rows under FSDP2)
+            self.moments.alloc(state, key, weight.shape, weight.dtype, block.numel if block is not None else None)
         return _to(state, weight.device)
 
     def update(self, block, weight, grad, state, hp: Hyper) -> None:

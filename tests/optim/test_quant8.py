@@ -36,6 +36,43 @@ def test_round_trip_error_is_within_half_a_codebook_step(signed):
     assert torch.all(y[x == 0] == 0)
 
 
+@pytest.mark.parametrize("cols", [256, 300, 40])
+def test_matrices_are_chunked_by_rows_so_any_rows_quantize_as_inside_the_whole(cols):
+    """What lets an FSDP2 rank keep its rows of an 8-bit state: rows a..b of a matrix get the
+    codes and absmax of rows a..b of the whole matrix's, whatever the row width (a row's last
+    chunk is short where the width is not a multiple of CHUNK)."""
+    torch.manual_seed(0)
+    x = torch.randn(37, cols) * torch.logspace(-6, 0, cols)
+    codes, absmax = quant8.quantize(x, True)
+    assert absmax.shape == (37, -(-cols // quant8.CHUNK)) == quant8.absmax_shape(x.shape)
+    assert torch.equal(absmax[:, 0], x[:, :quant8.CHUNK].abs().amax(dim=1))
+    for a, b in [(0, 13), (13, 26), (26, 37), (5, 6)]:
+        part_codes, part_absmax = quant8.quantize(x[a:b], True)
+        assert torch.equal(part_codes, codes[a:b]) and torch.equal(part_absmax, absmax[a:b])
+    y = quant8.dequantize(codes, absmax, True)
+    assert torch.equal(quant8.dequantize(codes[5:9], absmax[5:9], True), y[5:9])
+    assert (x - y).abs().max() <= 0.0071 * x.abs().max()
+    empty_codes, empty_absmax = quant8.quantize(x[:0], True)  # an FSDP2 rank with no rows
+    assert empty_codes.shape == (0, cols) and quant8.dequantize(empty_codes, empty_absmax, True).shape == (0, cols)
+
+
+def test_a_state_saved_flat_chunked_still_dequantizes_and_is_rechunked_by_rows():
+    """8-bit states saved before row chunking (one flat run of chunks, 1-D absmax) decode as they
+    were written, and update_rules.chunked_by_rows re-quantizes them row by row for FSDP2."""
+    from scaletrain.optim.update_rules import chunked_by_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 300)
+    flat_codes, flat_absmax = quant8.quantize(x.reshape(-1), True)  # the old layout
+    old = quant8.dequantize(flat_codes.view(10, 300), flat_absmax, True)
+    assert torch.equal(old, quant8.dequantize(flat_codes, flat_absmax, True).view(10, 300))
+    assert (old - x).abs().max() <= 0.0071 * x.abs().max()
+    st = chunked_by_rows({"exp_avg_q": flat_codes.view(10, 300), "exp_avg_absmax": flat_absmax, "step": 3.0})
+    assert st["exp_avg_absmax"].shape == (10, 2) and st["step"] == 3.0
+    assert torch.equal(quant8.dequantize(st["exp_avg_q"], st["exp_avg_absmax"], True),
+                       quant8.dequantize(*quant8.quantize(old, True), True))
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_table_lookup_gives_the_binary_search_codes(signed):
     """nearest_codes (the lookup) against torch.bucketize over the midpoints, on values of every

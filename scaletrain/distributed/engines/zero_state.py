@@ -59,12 +59,15 @@ def load_optimizer_states(ds: DeepSpeedEngine, states) -> None:
 
 
 def _build_zero_state(ds: DeepSpeedEngine, step: torch.Tensor) -> None:
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
     zero = ds.engine.optimizer
     for flat in zero.single_partition_of_fp32_groups:
         zero.optimizer.state[flat] = {"step": step.detach().clone().to(torch.float32),
                                       "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-    zero._hp_optimizer_states_linked = False
-    zero._lazy_init_hp_params_optimizer_state()  # point each parameter at its fragments
+    # point each parameter's fragment at the new state, as ZeRO does after its first step
+    for params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+        lazy_init_hp_params_optimizer_state(params, flat, zero.optimizer.state)
 
 
 def _balanced_share(sizes: list[int], world: int) -> list[int]:
