@@ -22,6 +22,7 @@ PRESET, SEQ, MICRO = "llama_9m", 16, 1
 # the tests' block_optimizer() defaults to BlockLLM's rule (embedding/head frozen, the rest frozen);
 # the estimator's, like the trainer's, are the three kinds of parameters
 BLOCKLLM = dict(frozen_patterns=("embed", "lm_head"), always_train=(), inactive="none")
+BLOCKLLM_FP32 = dict(BLOCKLLM, eight_bit=False)  # the paper's rule as published (tests.optim.paper_rule)
 ALWAYS = ("embed", "lm_head", "norm")
 
 
@@ -130,7 +131,7 @@ def test_bf16_block_masters_are_predicted_exactly(projection):
     predicted = selected_state_bytes(chosen, projection=projection, rank=32, master=True)[0]
     assert predicted["total"] == opt.state_bytes()
     assert predicted["master"] == sum(s["master"].numel() * 4 for s in opt.block_state.values())
-    est = estimate(spec, Setup(mode="block", **BLOCKLLM, world_size=1, density=0.05, projection=projection, rank=32,
+    est = estimate(spec, Setup(mode="block", **BLOCKLLM_FP32, world_size=1, density=0.05, projection=projection, rank=32,
                                dtype="bf16"))
     assert est.max["weights"] == 2 * spec.n_params
     assert opt.state_bytes() <= est.max["optimizer_states"] + est.max["projections"]
@@ -153,7 +154,7 @@ def test_always_trained_state_and_sign_gradients_are_predicted(inactive, dtype):
     held = block_shapes([opt.block_by_name[n] for n in opt.selected], spec.named_shapes)
     predicted = selected_state_bytes(held, master=dtype == "bf16")[0]
     assert predicted["total"] == opt.state_bytes() > 0
-    est = estimate(spec, Setup(mode="block", world_size=1, density=0.05, dtype=dtype,
+    est = estimate(spec, Setup(mode="block", world_size=1, density=0.05, dtype=dtype, eight_bit=False,
                                always_train=ALWAYS, inactive=inactive, frozen_patterns=()))
     always = sum(p.numel() for n, p in model.named_parameters() if any(a in n for a in ALWAYS))
     assert est.info["always_params"] == always
@@ -179,9 +180,9 @@ def test_always_trained_tensors_count_in_the_most_loaded_rank():
 
 def test_block_worst_case_is_the_budget_in_plain_adam():
     spec = model_spec("llama_60m")
-    est = estimate(spec, Setup(mode="block", **BLOCKLLM, world_size=1, density=0.05))
+    est = estimate(spec, Setup(mode="block", **BLOCKLLM_FP32, world_size=1, density=0.05))
     assert est.max["optimizer_states"] == 8 * est.info["budget_params"]
-    est8 = estimate(spec, Setup(mode="block", **BLOCKLLM, world_size=8, density=0.05))
+    est8 = estimate(spec, Setup(mode="block", **BLOCKLLM_FP32, world_size=8, density=0.05))
     blocks, budget = partition_blocks(spec.named_shapes, ("embed", "lm_head"), 0.05, 0.5)
     largest = max(b.numel for b in blocks)
     assert est8.mean["optimizer_states"] == math.ceil(8 * budget / 8)
@@ -348,3 +349,16 @@ def test_cli_json_and_table(tmp_path):
     bad = subprocess.run([sys.executable, "tools/estimate_memory.py", "--preset", "llama_60m", "--mode",
                           "adamw", "--eight-bit"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "adamw" in bad.stderr
+
+
+def test_block_moments_default_to_the_trainers():
+    """The estimate of a setup that does not say follows the trainer: 8-bit moments for the block
+    mode (OptimConfig's default), fp32 for the dense low-rank modes (as published)."""
+    from scaletrain.optim.config import OptimConfig
+
+    spec = model_spec(PRESET)
+    default = estimate(spec, Setup(mode="block"))
+    assert default.setup.eight_bit is OptimConfig().eight_bit is True
+    assert estimate(spec, Setup(mode="galore")).setup.eight_bit is False
+    fp32 = estimate(spec, Setup(mode="block", eight_bit=False))
+    assert default.max["optimizer_states"] < fp32.max["optimizer_states"] / 3

@@ -100,7 +100,9 @@ def test_block_optimizer_run_logs_selection(one_rank_block_reference, tmp_path):
     # density 0.2 of the candidate (non-embedding, -head, -norm) parameters; fp32 moments = 8 B each,
     # for those and for the always-trained tensors, reported apart; the sign-stepped rest has none
     assert 0 < last["selected_params"] <= 0.2 * (last["n_params"] - last["always_params"])
-    assert last["always_state_bytes"] == 8 * last["always_params"] > 0
+    # 8-bit moments (the default): a byte a value each, plus a scale per 256 values of a row and
+    # the norms' fp32 moments
+    assert 2 * last["always_params"] <= last["always_state_bytes"] <= 2.1 * last["always_params"]
     assert last["optim_state_bytes"] <= 8 * (last["selected_params"] + last["always_params"]) + 4096
     assert last["inactive_params"] == 0  # frozen: nothing is sign-stepped
     churn = [r["selection_churn"] for r in rows]
@@ -149,7 +151,11 @@ SIGN = BLOCK_KEEP + ["--optim.inactive", "sign"]  # (the later value wins)
 def test_fsdp2_matches_one_rank(tmp_path, nproc, optim):
     """FSDP2 (fully_shard) under torchrun; 3 ranks shard unevenly. Same global batch as 1 rank.
     With the block optimizer each rank updates its row shard of each selected block; projected
-    (and 8-bit) blocks are gathered to their owner, updated whole and scattered back."""
+    blocks are gathered to their owner, updated whole and scattered back. fp32 moments: FSDP's
+    reduce-scatter sums gradients in another order than one rank, which can flip an 8-bit code
+    (8-bit row shards against one rank: tests/optim/test_quant8.py)."""
+    sign = optim is SIGN
+    optim = optim + ["--optim.eight_bit", "false"] if optim else optim
     ref = tmp_path / "ref"
     run_pretrain(["--run_dir", str(ref), "--deepspeed_config",
                   str(write_ds_config(tmp_path / "ds1.json", micro=2, accum=nproc)),
@@ -157,7 +163,7 @@ def test_fsdp2_matches_one_rank(tmp_path, nproc, optim):
     ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1)
     run_pretrain(["--run_dir", str(tmp_path / "run"), "--backend", "fsdp", "--deepspeed_config",
                   str(ds), "--train.steps", "8"] + TINY + optim, launcher="torchrun", nproc=nproc)
-    np.testing.assert_allclose(losses(tmp_path / "run"), losses(ref), rtol=0, atol=5e-3 if optim is SIGN else 1e-5)
+    np.testing.assert_allclose(losses(tmp_path / "run"), losses(ref), rtol=0, atol=5e-3 if sign else 1e-5)
     if optim:
         got, want = read_metrics(tmp_path / "run"), read_metrics(ref)
         assert [r["selected_params"] for r in got] == [r["selected_params"] for r in want]

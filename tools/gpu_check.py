@@ -60,7 +60,7 @@ def cpu_settings() -> dict:
     s["speed"]["modes"] = s["speed"]["modes"][:4]  # compiling on CPU takes minutes: tests cover it
     s["7b"].update(preset="llama_20m", tries=[("block_galore_8bit", 2), ("block_galore_8bit_frozen", 1)],
                    steps=4, log_every=2, ds="ds_configs/default.json", tokenizer="default")
-    s["resume"].update(preset="llama_9m", ds="ds_configs/default.json")
+    s["resume"].update(preset="llama_9m", steps=12, ds="ds_configs/default.json")
     return s
 
 
@@ -105,7 +105,7 @@ def train_run(run_dir: Path, cfg: dict, extra: list[str], timeout_s: float) -> l
     cmd = [sys.executable, PRETRAIN, "--run_dir", str(run_dir), "--model.preset", cfg["preset"],
            "--deepspeed_config", cfg["ds"], "--data.tokenizer", cfg["tokenizer"], "--train.steps",
            str(cfg["steps"]), "--train.log_every", "1", "--train.eval_windows", "8", "--optim.name", "block",
-           "--optim.reselect_every", "5", "--checkpoint.every_steps", "10"] + extra
+           "--optim.reselect_every", "5", "--checkpoint.every_steps", str(cfg["steps"] // 2)] + extra
     proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {proc.stderr[-1500:]}")
@@ -113,16 +113,17 @@ def train_run(run_dir: Path, cfg: dict, extra: list[str], timeout_s: float) -> l
 
 
 def resume_part(cfg: dict, out: Path, deadline: float) -> dict:
-    """An uninterrupted run against one resumed from its step-10 checkpoint (selection every 5
+    """An uninterrupted run against one resumed from its half-way checkpoint (selection every 5
     steps, so the resumed half reselects from restored state)."""
+    half = cfg["steps"] // 2
     try:
         whole = train_run(out / "whole", cfg, [], deadline - time.time())
-        step10 = out / "whole" / "checkpoints" / "step_00000010"
-        resumed = train_run(out / "resumed", cfg, ["--resume", str(step10)], deadline - time.time())
+        checkpoint = out / "whole" / "checkpoints" / f"step_{half:08d}"
+        resumed = train_run(out / "resumed", cfg, ["--resume", str(checkpoint)], deadline - time.time())
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         return {"error": str(e)[-1500:]}
-    a = {r["step"]: r["loss"] for r in whole if r["step"] > 10}
-    b = {r["step"]: r["loss"] for r in resumed if r["step"] > 10}
+    a = {r["step"]: r["loss"] for r in whole if r["step"] > half}
+    b = {r["step"]: r["loss"] for r in resumed if r["step"] > half}
     diffs = [abs(a[s] - b[s]) for s in sorted(a) if s in b]
     return {"preset": cfg["preset"], "steps_compared": len(diffs), "max_abs_loss_diff": max(diffs, default=None),
             "bit_identical": bool(diffs) and max(diffs) == 0.0 and len(diffs) == len(a)}

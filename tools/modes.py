@@ -18,21 +18,23 @@ MODES: dict[str, tuple[str, ...]] = {
     "galore_torch": ("--optim.name", "galore_torch"),  # galore-torch's GaLoreAdamW, the external reference
     "galore": ("--optim.name", "galore"),  # our dense GaLore: every block, nothing frozen
     "gradnorm_lorp": ("--optim.name", "gradnorm_lorp"),
-    # the default: always-trained Adam + Adam on 5% of the body + signSGD on the rest
+    # the default: always-trained Adam + Adam on 5% of the body + signSGD on the rest, 8-bit moments
     "block": ("--optim.name", "block"),
     "block_compiled": ("--optim.name", "block", "--model.compile", "true"),
-    "block_8bit": ("--optim.name", "block", "--optim.eight_bit", "true"),
+    "block_8bit": ("--optim.name", "block", "--optim.eight_bit", "true"),  # (= block: the name earlier results use)
+    "block_fp32": ("--optim.name", "block", "--optim.eight_bit", "false"),  # the default before 8-bit
     "block_frozen": ("--optim.name", "block", "--optim.inactive", "none"),  # unselected blocks skip weight grads
     "block_noalways": ("--optim.name", "block", "--optim.always_train", "[]"),
-    "block_galore": ("--optim.name", "block", "--optim.projection", "galore"),
+    "block_galore": ("--optim.name", "block", "--optim.projection", "galore", "--optim.eight_bit", "false"),
     "block_galore_8bit": ("--optim.name", "block", "--optim.projection", "galore", "--optim.eight_bit", "true"),
     "block_galore_8bit_frozen": ("--optim.name", "block", "--optim.projection", "galore", "--optim.eight_bit", "true",
                                  "--optim.inactive", "none"),
-    "block_gradnorm_lorp": ("--optim.name", "block", "--optim.projection", "gradnorm_lorp"),
+    "block_gradnorm_lorp": ("--optim.name", "block", "--optim.projection", "gradnorm_lorp",
+                            "--optim.eight_bit", "false"),
     # configs/blockllm_paper.yaml's rule for which blocks train: embedding and head frozen, no
     # always-trained blocks, the unselected frozen, no periodic reselection
     "blockllm": ("--optim.name", "block", "--optim.frozen_patterns", "[embed, lm_head]", "--optim.always_train", "[]",
-                 "--optim.inactive", "none", "--optim.reselect_every", "0"),
+                 "--optim.inactive", "none", "--optim.reselect_every", "0", "--optim.eight_bit", "false"),
 }
 
 

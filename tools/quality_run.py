@@ -76,8 +76,9 @@ MODES: dict[str, Mode] = {
     "blockllm": Mode(blockllm_options(), 1e-3, "BlockLLM's published defaults"),
     "block": Mode(TRAINER_MODES["block"], 1e-3,
                   "the default: embedding/head/norms always Adam; Adam on 5% of the body, reselected "
-                  "every 50 steps; signSGD on the rest"),
-    "block_8bit": Mode(TRAINER_MODES["block_8bit"], 1e-3, "the default with 8-bit moments"),
+                  "every 50 steps; signSGD on the rest; 8-bit moments"),
+    "block_8bit": Mode(TRAINER_MODES["block_8bit"], 1e-3, "the default, 8-bit moments named (earlier results)"),
+    "block_fp32": Mode(TRAINER_MODES["block_fp32"], 1e-3, "the default with fp32 moments (the default before)"),
     "block_frozen": Mode(TRAINER_MODES["block_frozen"], 1e-3, "the default with the rest frozen (no sign step)"),
     "block_noalways": Mode(TRAINER_MODES["block_noalways"], 1e-3,
                            "the default with embedding/head/norms competing for selection"),

@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block: low-rank states inside selected blocks")
     p.add_argument("--density", type=float, default=0.05, help="block: fraction of candidate params selected")
     p.add_argument("--rank", type=int, default=128, help="galore/gradnorm_lorp projection rank")
-    p.add_argument("--eight-bit", "--eight_bit", dest="eight_bit", action="store_true",
-                   help="8-bit Adam moments (block optimizer)")
+    p.add_argument("--eight-bit", "--eight_bit", dest="eight_bit", action=argparse.BooleanOptionalAction,
+                   default=None, help="block: 8-bit Adam moments (default: the trainer's, optim.eight_bit)")
     p.add_argument("--zero-stage", "--zero_stage", dest="zero_stage", type=int, choices=(0, 1, 2, 3), default=2,
                    help="adamw: DeepSpeed ZeRO stage (3: FSDP2); block: the stage the optimizer realises "
                         "per block (3: FSDP2 row shards). Default 2")

@@ -32,7 +32,7 @@ class Setup:
     density: float = 0.05
     projection: str = "none"
     rank: int = 128
-    eight_bit: bool = False
+    eight_bit: bool | None = None  # None: the trainer's default for the mode (block: OptimConfig's)
     # the block optimizer's kinds of parameters; defaults are the trainer's (OptimConfig)
     frozen_patterns: tuple[str, ...] = tuple(OPTIM_DEFAULTS.frozen_patterns)
     always_train: tuple[str, ...] = tuple(OPTIM_DEFAULTS.always_train)
@@ -59,16 +59,20 @@ class Setup:
             raise ValueError(f"density must be in (0, 1], not {self.density}")
         if self.inactive not in ("none", "sign"):
             raise ValueError(f"inactive must be none or sign, not {self.inactive!r}")
-        if self.mode == "adamw" and (self.eight_bit or self.projection != "none"):
+        if self.mode == "adamw" and (self.eight_bit or self.projection != "none"):  # (None: not asked for)
             raise ValueError("adamw (torch.optim.AdamW) has no 8-bit or projected states; "
                              "use --mode block/galore/gradnorm_lorp")
 
     def effective(self) -> "Setup":
-        """The dense low-rank modes: every block selected, nothing frozen, density 1."""
+        """What the trainer runs for this setup: the dense low-rank modes with every block selected,
+        nothing frozen, density 1 and fp32 moments (as published); the block mode's moments 8-bit
+        or not as asked, else OptimConfig's default."""
         s = Setup(**self.__dict__)
         if s.mode in ("galore", "gradnorm_lorp"):
             s.projection, s.frozen_patterns, s.density = s.mode, (), 1.0
-            s.always_train, s.inactive = (), "none"
+            s.always_train, s.inactive, s.eight_bit = (), "none", False
+        elif s.eight_bit is None:
+            s.eight_bit = OPTIM_DEFAULTS.eight_bit if s.mode == "block" else False
         return s
 
     def precision(self) -> str:

@@ -38,10 +38,10 @@ def _block(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float, **den
 
 def _dense(projection: str):
     """GaLore / GradNormLoRP as published: every parameter trained (no selection, nothing
-    frozen), each tensor's state on one owner rank."""
+    frozen), fp32 moments, each tensor's state on one owner rank."""
     def build(cfg: OptimConfig, model: torch.nn.Module, max_grad_norm: float) -> torch.optim.Optimizer:
         return _block(dataclasses.replace(cfg, projection=projection, frozen_patterns=[], density=1.0,
-                                          always_train=[], inactive="none"), model,
+                                          always_train=[], inactive="none", eight_bit=False), model,
                       max_grad_norm, select_all=True)
     return build
 

@@ -54,8 +54,10 @@ class OptimConfig:
                    ("full", "lowrank"))
     proj_patterns: list = doc(["attn", "mlp"], "galore/gradnorm_lorp: parameter-name substrings of "
                               "the 2-D weights that are projected (GaLore: attention and MLP).")
-    eight_bit: bool = doc(False, "Store Adam moments of block-optimizer states in 8 bits "
-                          "(blockwise dynamic quantization, 256 values per scale).")
+    eight_bit: bool = doc(True, "block: store the Adam moments of matrices in 8 bits (blockwise "
+                          "dynamic quantization, 256 values of a row per scale; bitsandbytes' kernels "
+                          "on CUDA); false: fp32 moments. The dense galore/gradnorm_lorp modes keep "
+                          "fp32 moments, as published.")
     debug_checks: bool = doc(False, "Assert cross-rank invariants (identical selections) every step.")
 
 

@@ -25,10 +25,11 @@ def losses_on(device: str, cfg: OptimConfig, steps: int = 4) -> list[float]:
 
 @pytest.mark.parametrize("options", [
     dict(name="adamw"),
-    dict(name="block", density=0.25, reselect_every=2),
+    dict(name="block", density=0.25, reselect_every=2),  # (8-bit moments: bitsandbytes on CUDA)
+    dict(name="block", density=0.25, reselect_every=2, eight_bit=False),
     dict(name="block", density=0.25, reselect_every=2, projection="galore", rank=8, eight_bit=True,
          svd="full"),  # the randomized SVD draws other numbers on another device
-], ids=["adamw", "block_default", "block_galore_8bit"])
+], ids=["adamw", "block_default", "block_fp32", "block_galore_8bit"])
 def test_cuda_steps_equal_cpu_steps(options):
     cfg = OptimConfig(lr=3e-3, **options)
     cpu, cuda = losses_on("cpu", cfg), losses_on("cuda", cfg)
