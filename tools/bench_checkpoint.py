@@ -104,7 +104,8 @@ def bench_rank(preset: str, optim: str, world: int, tokenizer: str, root: str) -
         saved = ckpt.SavedState(path)
         ckpt.restore_model(engine.module, saved)
         if engine.zero_partitions_state:
-            engine.load_optimizer_states(ckpt.dense_optimizer_states(engine.module, saved, meta))
+            engine.load_optimizer_states(*ckpt.dense_optimizer_fragments(
+                engine.module, saved, meta, engine.optimizer_state_ranges()))
         else:
             ckpt.restore_optimizer(optimizer, engine.module, saved, meta)
 
