@@ -17,6 +17,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from scaletrain.checkpoint.files import (DCP_DIR, FORMAT_VERSION, STEP_DIR, CheckpointError, CheckpointFormatError,
                                          _rank_files, _sha256, _tensors_as_numbers, set_rng_state)
 from scaletrain.checkpoint.row_reads import read_flat
+from scaletrain.checkpoint.rows_reader import RowsReader
 
 log = logging.getLogger("scaletrain")
 
@@ -155,11 +156,12 @@ class SavedState:
 
     def read_flat(self, ranges: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
         """{key: (start, stop)} -> {key: the saved tensor's flattened elements [start, stop)},
-        reading only the saved chunks (and rows) that hold them (row_reads.py)."""
+        reading only the saved chunks, and of those only the rows, that hold them (row_reads.py,
+        rows_reader.py)."""
         missing = [k for k in ranges if k not in self.meta]
         if missing:
             raise CheckpointError(f"{self.dir.parent}: no saved {missing[0]!r}")
-        return read_flat(FileSystemReader(str(self.dir)), self.metadata, ranges)
+        return read_flat(RowsReader(str(self.dir)), self.metadata, ranges)
 
     def read_prefix(self, prefix: str) -> dict:
         """Everything saved under `prefix`, keys without it (whole tensors, on the CPU)."""

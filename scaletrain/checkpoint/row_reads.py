@@ -2,8 +2,8 @@
 flattened, without asking DCP for the rest. A load planner (DCP's public planner API) whose
 destinations are row boxes: its read items are the intersections of the saved chunks with each box,
 so chunks outside the box are never read (a rank resuming DeepSpeed ZeRO-1/2 reads only the state
-of the parameters in its partition, and of those only the rows it keeps, at chunk granularity:
-rows_reader.py reads just the rows' bytes out of a chunk)."""
+of the parameters in its partition). DCP's FileSystemReader still reads each overlapping chunk
+whole; rows_reader.py's RowsReader reads just the rows' bytes out of it."""
 from __future__ import annotations
 
 import math
@@ -95,9 +95,11 @@ def rows_of(start: int, stop: int, shape: Sequence[int]) -> tuple[int, int, int]
     return r0, -(-stop // row), start - r0 * row
 
 
-def read_rows(reader: dcp.StorageReader, metadata: Metadata, rows: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+def read_rows(reader: dcp.StorageReader, metadata: Metadata,
+              rows: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
     """{fqn: (r0, r1)} -> {fqn: rows [r0, r1) of the saved tensor (a new CPU tensor)}; in this
     process only (no collective)."""
+    assert all(metadata.state_dict_metadata[fqn].size for fqn in rows), "rows of a 0-d tensor"
     dest = {}
     for fqn, (r0, r1) in rows.items():
         md = metadata.state_dict_metadata[fqn]
@@ -110,7 +112,8 @@ def read_rows(reader: dcp.StorageReader, metadata: Metadata, rows: dict[str, tup
     return dest
 
 
-def read_flat(reader: dcp.StorageReader, metadata: Metadata, ranges: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+def read_flat(reader: dcp.StorageReader, metadata: Metadata,
+              ranges: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
     """{fqn: (start, stop)} -> {fqn: the saved tensor's flattened elements [start, stop)}, read
     as the rows that hold them."""
     spans = {fqn: rows_of(lo, hi, metadata.state_dict_metadata[fqn].size) for fqn, (lo, hi) in ranges.items()}
