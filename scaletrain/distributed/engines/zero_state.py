@@ -52,7 +52,7 @@ def state_ranges(ds: DeepSpeedEngine) -> dict[str, tuple[int, int]]:
     return {name: (f.start, f.stop) for name, f in _fragments(ds).items()}
 
 
-def load_optimizer_states(ds: DeepSpeedEngine, step: torch.Tensor | None, fragments) -> None:
+def load_optimizer_states(ds: DeepSpeedEngine, step: torch.Tensor | float | None, fragments) -> None:
     """Inverse of optimizer_shard, at this run's world size: ZeRO's fp32 master copy is refreshed
     from the (already restored) model weights, and each (parameter name, {"exp_avg": elements,
     "exp_avg_sq": elements}) of `fragments` (the elements state_ranges names) is written at its
@@ -71,7 +71,7 @@ def load_optimizer_states(ds: DeepSpeedEngine, step: torch.Tensor | None, fragme
     _link_fragments(zero)
 
 
-def _flat_states(zero, step: torch.Tensor) -> list[dict]:
+def _flat_states(zero, step: torch.Tensor | float) -> list[dict]:
     """The torch optimizer's state of each flat partition, built now if it is not yet (torch
     builds it lazily at the first step); existing moments are kept and written over in place, as
     DeepSpeed's per-parameter views (safe_get_full_optimizer_state) point into them."""
@@ -81,7 +81,10 @@ def _flat_states(zero, step: torch.Tensor) -> list[dict]:
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in st:
                 st[key] = torch.zeros_like(flat)
-        st["step"] = step.detach().clone().to(torch.float32)
+        if torch.is_tensor(st.get("step")):  # keep the optimizer's own step tensor (device, dtype)
+            st["step"].fill_(float(step))
+        else:
+            st["step"] = torch.tensor(float(step), dtype=torch.float32)
         states.append(st)
     return states
 
