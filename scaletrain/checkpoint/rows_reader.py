@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import pickle
 import struct
 import sys
 import zipfile
@@ -51,7 +52,7 @@ class _Slice(io.RawIOBase):
         self.at += got
         return got
 
-    def fill(self, buffer: bytearray) -> bool:
+    def fill(self, buffer) -> bool:
         """Read exactly len(buffer) bytes (a short read is retried); False at the end."""
         view, done = memoryview(buffer), 0
         while done < len(buffer):
@@ -87,8 +88,13 @@ def chunk_layout(chunk: _Slice) -> tuple[torch.Tensor, int] | None:
     if record is None or not _little_endian(archive):
         return None
     chunk.seek(0)
-    with torch.serialization.skip_data():  # the pickle only: size, stride, offset, dtype
-        layout = torch.load(chunk, map_location="meta", weights_only=True)
+    try:
+        with torch.serialization.skip_data():  # the pickle only: size, stride, offset, dtype
+            layout = torch.load(chunk, map_location="meta", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError):
+        return None  # not a plain tensor: FileSystemReader's business
+    if not torch.is_tensor(layout):
+        return None
     chunk.seek(record.header_offset)
     signature, name_len, extra_len = _LOCAL_HEADER.unpack(chunk.read(_LOCAL_HEADER.size))
     if signature != b"PK\x03\x04" or not layout.is_contiguous():
@@ -98,6 +104,20 @@ def chunk_layout(chunk: _Slice) -> tuple[torch.Tensor, int] | None:
 
 def _whole_rows(item: ReadItem, shape: torch.Size) -> bool:
     return all(at == 0 and n == size for at, n, size in zip(item.storage_offsets[1:], item.lengths[1:], shape[1:]))
+
+
+def _read_into(chunk: _Slice, target: torch.Tensor, dtype: torch.dtype, nbytes: int) -> bool:
+    """Read nbytes of `dtype` elements at the chunk's position into `target`: straight into its
+    memory where it is a contiguous CPU tensor of that dtype, else through a buffer."""
+    if nbytes == 0:
+        return True
+    if target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
+        return chunk.fill(memoryview(target.view(-1).view(torch.uint8).numpy()))
+    raw = bytearray(nbytes)
+    if not chunk.fill(raw):
+        return False
+    target.copy_(torch.frombuffer(raw, dtype=dtype).view(target.shape))
+    return True
 
 
 class RowsReader(FileSystemReader):
@@ -124,13 +144,10 @@ class RowsReader(FileSystemReader):
             layout, data_at = found
             row_bytes = math.prod(layout.shape[1:]) * layout.element_size()
             chunk.seek(data_at + layout.storage_offset() * layout.element_size() + item.storage_offsets[0] * row_bytes)
-            raw = bytearray(item.lengths[0] * row_bytes)
-            if not chunk.fill(raw):
+            target = planner.resolve_tensor(item).detach()
+            nbytes = item.lengths[0] * row_bytes
+            if not _read_into(chunk, target, layout.dtype, nbytes):
                 return False
-        rows = (torch.frombuffer(raw, dtype=layout.dtype).view(item.lengths) if raw
-                else torch.empty(item.lengths, dtype=layout.dtype))  # frombuffer refuses no bytes
-        target = planner.resolve_tensor(item).detach()
-        target.copy_(rows)
         planner.commit_tensor(item, target)
-        self.rows_bytes += len(raw)
+        self.rows_bytes += nbytes
         return True

@@ -96,9 +96,9 @@ def _dense_state_keys(model: torch.nn.Module, saved: SavedState) -> dict[str, li
 
 def dense_optimizer_fragments(model: torch.nn.Module, saved: SavedState, meta: dict,
                               ranges: dict[str, tuple[int, int]], optimizer_name: str = "AdamW"):
-    """(the saved step, or None when no state was saved; an iterator of (parameter name,
-    {state key: the elements [start, stop) of its flattened saved tensor})) for each parameter
-    in `ranges` (name -> (start, stop)), read one parameter at a time and only that part of it:
+    """(the saved step, or None when no state was saved; an iterator of (parameter name, state
+    key, the elements [start, stop) of that flattened saved tensor)) for each parameter in
+    `ranges` (name -> (start, stop)), read one tensor at a time and only that part of it:
     DeepSpeed ZeRO-1/2 gives each rank a contiguous range of the flattened parameters, so a rank
     reads only the state it keeps. Checked against the model first."""
     _check_kind(meta, "torch", optimizer_name)
@@ -111,9 +111,9 @@ def dense_optimizer_fragments(model: torch.nn.Module, saved: SavedState, meta: d
 
 def _fragments(saved: SavedState, keys: dict[str, list[str]], ranges: dict[str, tuple[int, int]]):
     for name, span in ranges.items():
-        moments = [k for k in keys[name] if k != "step"]
-        got = saved.read_flat({f"optim/state/{name}/{k}": span for k in moments})
-        yield name, {k.rsplit("/", 1)[1]: v for k, v in got.items()}
+        for key in (k for k in keys[name] if k != "step"):
+            fqn = f"optim/state/{name}/{key}"
+            yield name, key, saved.read_flat({fqn: span})[fqn]
 
 
 def restore_optimizer(optimizer, model: torch.nn.Module, saved: SavedState, meta: dict) -> None:

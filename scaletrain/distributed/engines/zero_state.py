@@ -54,8 +54,8 @@ def state_ranges(ds: DeepSpeedEngine) -> dict[str, tuple[int, int]]:
 
 def load_optimizer_states(ds: DeepSpeedEngine, step: torch.Tensor | float | None, fragments) -> None:
     """Inverse of optimizer_shard, at this run's world size: ZeRO's fp32 master copy is refreshed
-    from the (already restored) model weights, and each (parameter name, {"exp_avg": elements,
-    "exp_avg_sq": elements}) of `fragments` (the elements state_ranges names) is written at its
+    from the (already restored) model weights, and each (parameter name, "exp_avg" or
+    "exp_avg_sq", elements) of `fragments` (the elements state_ranges names) is written at its
     place in the torch optimizer's flat state of this rank's partition; no communication.
     step None: the checkpoint holds no optimizer state (saved before the first step)."""
     zero = ds.engine.optimizer
@@ -64,10 +64,10 @@ def load_optimizer_states(ds: DeepSpeedEngine, step: torch.Tensor | float | None
         return
     flat_states = _flat_states(zero, step)
     where = _fragments(ds)
-    for name, got in fragments:
-        f = where[name]
-        for key in ("exp_avg", "exp_avg_sq"):
-            flat_states[f.group][key].narrow(0, f.flat_start, f.numel).copy_(got[key].reshape(-1))
+    for name, key, elements in fragments:
+        if key in ("exp_avg", "exp_avg_sq"):
+            f = where[name]
+            flat_states[f.group][key].narrow(0, f.flat_start, f.numel).copy_(elements.reshape(-1))
     _link_fragments(zero)
 
 
