@@ -126,7 +126,8 @@ def resume(path: Path | None, ctx, engine, optimizer, scheduler, loader) -> int:
     saved = ckpt.SavedState(path)
     ckpt.restore_model(engine.module, saved)
     if engine.zero_partitions_state:  # DeepSpeed ZeRO-1/2 AdamW: each rank sets its fragments
-        engine.load_optimizer_states(ckpt.dense_optimizer_states(engine.module, saved, state["optim"]))
+        engine.load_optimizer_states(*ckpt.dense_optimizer_fragments(
+            engine.module, saved, state["optim"], engine.optimizer_state_ranges()))
     else:
         ckpt.restore_optimizer(optimizer, engine.module, saved, state["optim"])
     restore_schedule(scheduler, optimizer, state["scheduler"])

@@ -9,7 +9,9 @@ the block optimizer's per-block state on its owner), trains one step so the opti
 exists, then saves a checkpoint (scaletrain.checkpoint.save_checkpoint, as the trainer does) and
 loads it back into the same engine (as `--resume` does). "Peak extra" is the largest resident
 set size (RSS, sampled every 2 ms from /proc/self/statm) during the save or load minus the RSS
-just before it: the memory the checkpoint itself costs that rank. Times are wall-clock.
+just before it: the memory the checkpoint itself costs that rank. "Read at load" is the bytes
+the rank's read() calls returned during the load (/proc/self/io's rchar): the weights, which every
+rank holds whole at ZeRO <= 2, plus the optimizer state it reads. Times are wall-clock.
 """
 from __future__ import annotations
 
@@ -63,14 +65,22 @@ def _train_one_step(engine, optimizer, ctx, vocab: int) -> None:
     Step(engine, optimizer, ctx)(0, batches)  # the trainer's step (a selection pass first, if wanted)
 
 
+def _bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (/proc/self/io's rchar)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
 def _measure(fn):
     gc.collect()
     with RSSPeak() as peak:
         before = peak.now()
+        read_before = _bytes_read()
         t0 = time.perf_counter()
         fn()
         seconds = time.perf_counter() - t0
-    return seconds, max(0, peak.peak - before)
+        read = _bytes_read() - read_before
+    return seconds, max(0, peak.peak - before), read
 
 
 def bench_rank(preset: str, optim: str, world: int, tokenizer: str, root: str) -> dict:
@@ -94,15 +104,17 @@ def bench_rank(preset: str, optim: str, world: int, tokenizer: str, root: str) -
         saved = ckpt.SavedState(path)
         ckpt.restore_model(engine.module, saved)
         if engine.zero_partitions_state:
-            engine.load_optimizer_states(ckpt.dense_optimizer_states(engine.module, saved, meta))
+            engine.load_optimizer_states(*ckpt.dense_optimizer_fragments(
+                engine.module, saved, meta, engine.optimizer_state_ranges()))
         else:
             ckpt.restore_optimizer(optimizer, engine.module, saved, meta)
 
-    save_s, save_extra = _measure(save)
+    save_s, save_extra, _ = _measure(save)
     manifest = json.loads((Path(root) / "step_00000001" / "manifest.json").read_text())
     mine = sum(v["bytes"] for f, v in manifest["files"].items() if f.startswith(f"dcp/__{ctx.rank}_"))
-    load_s, load_extra = _measure(load)
+    load_s, load_extra, load_read = _measure(load)
     return {"save_s": save_s, "save_extra": save_extra, "load_s": load_s, "load_extra": load_extra,
+            "load_read": load_read,
             "written": mine, "total": sum(v["bytes"] for v in manifest["files"].values())}
 
 
@@ -119,8 +131,8 @@ def main(argv=None) -> None:
     print(f"{args.preset} ({args.tokenizer}), CPU, gloo ranks on one machine; per-rank columns: "
           f"the largest over the ranks\n")
     print("| optimizer | ranks | checkpoint MiB | written by each rank MiB (max) | save s | "
-          "save peak extra RSS MiB | load s | load peak extra RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+          "save peak extra RSS MiB | load s | load peak extra RSS MiB | read by each rank at load MiB (max) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for optim in args.optims:
         for world in args.ranks:
             with tempfile.TemporaryDirectory() as root:
@@ -129,7 +141,7 @@ def main(argv=None) -> None:
             worst = {k: max(r[k] for r in rows) for k in rows[0]}
             print(f"| {LABEL[optim]} | {world} | {worst['total'] / MiB:.0f} | {worst['written'] / MiB:.0f} | "
                   f"{worst['save_s']:.2f} | {worst['save_extra'] / MiB:.0f} | {worst['load_s']:.2f} | "
-                  f"{worst['load_extra'] / MiB:.0f} |", flush=True)
+                  f"{worst['load_extra'] / MiB:.0f} | {worst['load_read'] / MiB:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

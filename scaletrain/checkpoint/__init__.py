@@ -21,17 +21,19 @@ then replaces `latest`. A crash before the rename leaves only a `.tmp-*` directo
 ignores; a crash after it leaves a complete checkpoint. On resume every candidate is verified
 against its manifest (each rank hashes a share of the files); a bad one is named in the log and
 the previous complete one is used. At load each rank reads only the tensors it needs (DCP
-reshards to the new world size and backend); no collective is needed. The exception is dense
-AdamW under DeepSpeed ZeRO-1/2: its flat fragments do not map onto DCP's row chunks, so each
-rank reads every parameter's whole state, one parameter at a time, and keeps its fragment.
+reshards to the new world size and backend); no collective is needed. Dense AdamW under
+DeepSpeed ZeRO-1/2 keeps a contiguous range of the flattened parameters on each rank: a rank
+reads only the state of the parameters in its range, and of those only the rows that hold its
+elements (row_reads.py), one parameter at a time.
 
 Modules: files.py (format, errors, durable writes, RNG), save.py (write and commit, background
-saver), load.py (verify, find, read), state.py (model and optimizer state by name).
+saver), load.py (verify, find, read), row_reads.py (part of a saved tensor), state.py (model and
+optimizer state by name).
 """
 from scaletrain.checkpoint.files import (DCP_DIR, FORMAT_VERSION, PAUSE_BEFORE_COMMIT_ENV, STEP_DIR,  # noqa: F401
                                          CheckpointError, CheckpointFormatError, rng_state, set_rng_state)
 from scaletrain.checkpoint.load import (SavedState, find_checkpoint, load_model_state, load_rng_state,  # noqa: F401
                                         load_trainer_state, verify)
 from scaletrain.checkpoint.save import AsyncCheckpointer, save_checkpoint  # noqa: F401
-from scaletrain.checkpoint.state import (dense_optimizer_states, model_shard, optimizer_shard,  # noqa: F401
+from scaletrain.checkpoint.state import (dense_optimizer_fragments, model_shard, optimizer_shard,  # noqa: F401
                                          restore_model, restore_optimizer)

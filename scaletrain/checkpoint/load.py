@@ -16,6 +16,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from scaletrain.checkpoint.files import (DCP_DIR, FORMAT_VERSION, STEP_DIR, CheckpointError, CheckpointFormatError,
                                          _rank_files, _sha256, _tensors_as_numbers, set_rng_state)
+from scaletrain.checkpoint.row_reads import read_flat
+from scaletrain.checkpoint.rows_reader import RowsReader
 
 log = logging.getLogger("scaletrain")
 
@@ -126,7 +128,8 @@ class SavedState:
 
     def __init__(self, path: Path):
         self.dir = path / DCP_DIR
-        self.meta = FileSystemReader(str(self.dir)).read_metadata().state_dict_metadata
+        self.metadata = FileSystemReader(str(self.dir)).read_metadata()
+        self.meta = self.metadata.state_dict_metadata
         self.keys = {k[:-6] if k.endswith(":float") else k for k in self.meta}
 
     def empty(self, key: str) -> Any:
@@ -150,6 +153,15 @@ class SavedState:
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
                 dcp.load(flat, storage_reader=FileSystemReader(str(self.dir)), no_dist=True)
         return _tensors_as_numbers(flat)
+
+    def read_flat(self, ranges: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """{key: (start, stop)} -> {key: the saved tensor's flattened elements [start, stop)},
+        reading only the saved chunks, and of those only the rows, that hold them (row_reads.py,
+        rows_reader.py)."""
+        missing = [k for k in ranges if k not in self.meta]
+        if missing:
+            raise CheckpointError(f"{self.dir.parent}: no saved {missing[0]!r}")
+        return read_flat(RowsReader(str(self.dir)), self.metadata, ranges)
 
     def read_prefix(self, prefix: str) -> dict:
         """Everything saved under `prefix`, keys without it (whole tensors, on the CPU)."""

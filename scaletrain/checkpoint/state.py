@@ -81,12 +81,8 @@ def _check_kind(meta: dict, want: str, optimizer_name: str) -> None:
                               f"{optimizer_name} needs {want!r}: resume with the same optim.name")
 
 
-def dense_optimizer_states(model: torch.nn.Module, saved: SavedState, meta: dict,
-                           optimizer_name: str = "AdamW"):
-    """(parameter name, its whole saved state) for each parameter of a dense optimizer, read one
-    parameter at a time (DeepSpeed ZeRO-1/2 keeps its own fragment of each, so a rank never holds
-    more than one parameter's state extra); checked against the model first."""
-    _check_kind(meta, "torch", optimizer_name)
+def _dense_state_keys(model: torch.nn.Module, saved: SavedState) -> dict[str, list[str]]:
+    """parameter name -> the state keys saved for it, checked against the model."""
     keys: dict[str, list[str]] = {}
     for k in saved.keys:
         if k.startswith("optim/state/"):
@@ -95,9 +91,29 @@ def dense_optimizer_states(model: torch.nn.Module, saved: SavedState, meta: dict
     if keys and set(keys) != {n for n, _ in model.named_parameters()}:
         raise CheckpointError("checkpoint optimizer parameters do not match the model "
                               "(a different model.preset?)")
-    for name in keys:
-        got = saved.read({f"optim/state/{name}/{k}": None for k in keys[name]})
-        yield name, {k.rsplit("/", 1)[1]: v for k, v in got.items()}
+    return keys
+
+
+def dense_optimizer_fragments(model: torch.nn.Module, saved: SavedState, meta: dict,
+                              ranges: dict[str, tuple[int, int]], optimizer_name: str = "AdamW"):
+    """(the saved step, or None when no state was saved; an iterator of (parameter name, state
+    key, the elements [start, stop) of that flattened saved tensor)) for each parameter in
+    `ranges` (name -> (start, stop)), read one tensor at a time and only that part of it:
+    DeepSpeed ZeRO-1/2 gives each rank a contiguous range of the flattened parameters, so a rank
+    reads only the state it keeps. Checked against the model first."""
+    _check_kind(meta, "torch", optimizer_name)
+    keys = _dense_state_keys(model, saved)
+    if not keys:
+        return None, iter(())
+    steps = saved.read({f"optim/state/{next(iter(keys))}/step": None})  # one step for all (AdamW)
+    return next(iter(steps.values())), _fragments(saved, keys, ranges)
+
+
+def _fragments(saved: SavedState, keys: dict[str, list[str]], ranges: dict[str, tuple[int, int]]):
+    for name, span in ranges.items():
+        for key in (k for k in keys[name] if k != "step"):
+            fqn = f"optim/state/{name}/{key}"
+            yield name, key, saved.read_flat({fqn: span})[fqn]
 
 
 def restore_optimizer(optimizer, model: torch.nn.Module, saved: SavedState, meta: dict) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from scaletrain.distributed.engines.zero_state import load_optimizer_states as load_zero_states
 from scaletrain.distributed.engines.zero_state import optimizer_shard as zero_optimizer_shard
+from scaletrain.distributed.engines.zero_state import state_ranges as zero_state_ranges
 from scaletrain.distributed.engines.precision import bf16_enabled, use_bf16_weights
 from scaletrain.distributed.runtime import DistContext
 from scaletrain.models.llama import causal_lm_loss
@@ -134,6 +135,11 @@ class DeepSpeedEngine:
         backends (zero_state.optimizer_shard)."""
         return zero_optimizer_shard(self)
 
-    def load_optimizer_states(self, states) -> None:
-        """Inverse of optimizer_shard, at this run's world size (zero_state.load_optimizer_states)."""
-        load_zero_states(self, states)
+    def optimizer_state_ranges(self) -> dict[str, tuple[int, int]]:
+        """parameter name -> the elements of its flattened state this rank keeps (ZeRO-1/2)."""
+        return zero_state_ranges(self)
+
+    def load_optimizer_states(self, step, fragments) -> None:
+        """Inverse of optimizer_shard, at this run's world size, from the saved step and this
+        rank's fragments of each parameter's state (zero_state.load_optimizer_states)."""
+        load_zero_states(self, step, fragments)

@@ -1,11 +1,14 @@
-"""DeepSpeed ZeRO-1/2's partitioned dense-optimizer (AdamW) state to and from checkpoints, through
-DeepSpeed's public tensor-fragment API, in the name-keyed layout the other backends write, so a
-checkpoint resumes at any world size and under any backend."""
+"""DeepSpeed ZeRO-1/2's partitioned dense-optimizer (AdamW) state to and from checkpoints, in the
+name-keyed layout the other backends write, so a checkpoint resumes at any world size and under any
+backend: saved through DeepSpeed's public tensor-fragment API, loaded by writing the elements each
+rank keeps (zero_fragments.py) straight into the torch optimizer's flat state of its partition."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
+
+from scaletrain.distributed.engines.zero_fragments import Fragment, local_fragments
 
 if TYPE_CHECKING:
     from scaletrain.distributed.engines.deepspeed_engine import DeepSpeedEngine
@@ -38,34 +41,59 @@ def optimizer_shard(ds: DeepSpeedEngine) -> tuple[dict, dict]:
     return flat, {"kind": "torch", "param_groups": [{**group, "params": [n for n, _ in named]}]}
 
 
-def load_optimizer_states(ds: DeepSpeedEngine, states) -> None:
-    """Inverse of optimizer_shard, at this run's world size, from (parameter name, whole
-    state) pairs read one at a time: ZeRO's fp32 master copy is refreshed from the (already
-    restored) model weights and each rank writes its own fragment of every state tensor; no
-    communication. (Each rank reads every parameter's whole state, one at a time: ZeRO's flat
-    fragments do not map onto DCP's row chunks.)"""
-    from deepspeed.utils import safe_set_full_optimizer_state
+def _fragments(ds: DeepSpeedEngine) -> dict[str, Fragment]:
+    names = {id(p): n for n, p in ds.module.named_parameters()}
+    return local_fragments(ds.engine.optimizer, names)
 
+
+def state_ranges(ds: DeepSpeedEngine) -> dict[str, tuple[int, int]]:
+    """parameter name -> the elements [start, stop) of its flattened state this rank keeps, for
+    the parameters with elements in this rank's ZeRO partitions: all a resuming rank reads."""
+    return {name: (f.start, f.stop) for name, f in _fragments(ds).items()}
+
+
+def load_optimizer_states(ds: DeepSpeedEngine, step: torch.Tensor | float | None, fragments) -> None:
+    """Inverse of optimizer_shard, at this run's world size: ZeRO's fp32 master copy is refreshed
+    from the (already restored) model weights, and each (parameter name, "exp_avg" or
+    "exp_avg_sq", elements) of `fragments` (the elements state_ranges names) is written at its
+    place in the torch optimizer's flat state of this rank's partition; no communication.
+    step None: the checkpoint holds no optimizer state (saved before the first step)."""
     zero = ds.engine.optimizer
     zero.refresh_fp32_params()  # the master copy follows the restored weights
-    params = dict(ds.module.named_parameters())
-    built = False
-    for name, st in states:
-        if not built:  # torch builds its state lazily: build it now, once
-            _build_zero_state(ds, st["step"])
-            built = True
+    if step is None:
+        return
+    flat_states = _flat_states(zero, step)
+    where = _fragments(ds)
+    for name, key, elements in fragments:
+        if key in ("exp_avg", "exp_avg_sq"):
+            f = where[name]
+            flat_states[f.group][key].narrow(0, f.flat_start, f.numel).copy_(elements.reshape(-1))
+    _link_fragments(zero)
+
+
+def _flat_states(zero, step: torch.Tensor | float) -> list[dict]:
+    """The torch optimizer's state of each flat partition, built now if it is not yet (torch
+    builds it lazily at the first step); existing moments are kept and written over in place, as
+    DeepSpeed's per-parameter views (safe_get_full_optimizer_state) point into them."""
+    states = []
+    for flat in zero.single_partition_of_fp32_groups:
+        st = zero.optimizer.state[flat]
         for key in ("exp_avg", "exp_avg_sq"):
-            safe_set_full_optimizer_state(params[name], st[key].to(ds.device).reshape(-1), key)
+            if key not in st:
+                st[key] = torch.zeros_like(flat)
+        if torch.is_tensor(st.get("step")):  # keep the optimizer's own step tensor (device, dtype)
+            st["step"].fill_(float(step))
+        else:
+            st["step"] = torch.tensor(float(step), dtype=torch.float32)
+        states.append(st)
+    return states
 
 
-def _build_zero_state(ds: DeepSpeedEngine, step: torch.Tensor) -> None:
+def _link_fragments(zero) -> None:
+    """Point each parameter's DeepSpeed fragment at the flat state (as ZeRO does after its first
+    step), so that a save before the next step reads the loaded state."""
     from deepspeed.utils import lazy_init_hp_params_optimizer_state
 
-    zero = ds.engine.optimizer
-    for flat in zero.single_partition_of_fp32_groups:
-        zero.optimizer.state[flat] = {"step": step.detach().clone().to(torch.float32),
-                                      "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-    # point each parameter's fragment at the new state, as ZeRO does after its first step
     for params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
         lazy_init_hp_params_optimizer_state(params, flat, zero.optimizer.state)
 
