@@ -16,8 +16,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from scaletrain.checkpoint.files import (DCP_DIR, FORMAT_VERSION, STEP_DIR, CheckpointError, CheckpointFormatError,
                                          _rank_files, _sha256, _tensors_as_numbers, set_rng_state)
+from scaletrain.checkpoint.pieces import index_pieces, read_range, whole_shape
 from scaletrain.checkpoint.row_reads import read_flat
-from scaletrain.checkpoint.rows_reader import RowsReader
 
 log = logging.getLogger("scaletrain")
 
@@ -124,49 +124,84 @@ def find_checkpoint(resume: str, run_dir: Path, rank: int = 0, world_size: int =
 class SavedState:
     """The DCP part of a checkpoint: what was saved (read once from `.metadata`) and a reader
     for any subset of it, into this process only (no collective: each rank reads what it needs;
-    tensors land on the CPU unless a target on another device is given)."""
+    tensors land on the CPU unless a target on another device is given). Dense state saved as
+    pieces (pieces.py: DeepSpeed ZeRO-1/2's per-rank ranges) is one key in `keys`, and reads
+    of it give the whole tensor or the asked-for elements, whoever saved it."""
 
     def __init__(self, path: Path):
         self.dir = path / DCP_DIR
         self.metadata = FileSystemReader(str(self.dir)).read_metadata()
         self.meta = self.metadata.state_dict_metadata
-        self.keys = {k[:-6] if k.endswith(":float") else k for k in self.meta}
+        self.pieces = index_pieces(self.meta)  # state key -> its saved pieces
+        in_pieces = {p.key for ps in self.pieces.values() for p in ps}
+        self.keys = {k[:-6] if k.endswith(":float") else k for k in self.meta if k not in in_pieces}
+        self.keys |= set(self.pieces)
 
     def empty(self, key: str) -> Any:
         """A CPU tensor of the saved size and dtype to read `key` into."""
         md = self.meta[key]
         return torch.empty(tuple(md.size), dtype=md.properties.dtype)
 
-    def read(self, targets: dict) -> dict:
-        """Fill `targets` (key -> tensor/DTensor of the saved shape, or None for a fresh CPU
-        tensor) from the checkpoint; returns them with numbers restored."""
-        missing = [k for k in targets if k not in self.keys]
+    def _check_saved(self, keys) -> None:
+        missing = [k for k in keys if k not in self.keys]
         if missing:
             raise CheckpointError(f"{self.dir.parent}: no saved {missing[0]!r} ({len(missing)} "
                                   f"missing; saved with another optimizer or model?)")
+
+    def read(self, targets: dict) -> dict:
+        """Fill `targets` (key -> tensor/DTensor of the saved shape, or None for a fresh CPU
+        tensor) from the checkpoint; returns them with numbers restored."""
+        self._check_saved(targets)
         flat = {}
         for k, v in targets.items():
-            key = k if k in self.meta else f"{k}:float"
-            flat[key] = self.empty(key) if v is None else v
+            if k not in self.pieces:
+                key = k if k in self.meta else f"{k}:float"
+                flat[key] = self.empty(key) if v is None else v
         if flat:
             with warnings.catch_warnings():  # no_dist is meant: say nothing about it
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
                 dcp.load(flat, storage_reader=FileSystemReader(str(self.dir)), no_dist=True)
-        return _tensors_as_numbers(flat)
+        got = _tensors_as_numbers(flat)
+        return {k: self._whole(k, v) if k in self.pieces else got[k] for k, v in targets.items()}
+
+    def _whole(self, key: str, target) -> torch.Tensor:
+        """The state tensor `key` assembled from all its pieces, into `target` if given."""
+        shape = whole_shape(key, self.meta)
+        whole = read_range(self._read_flat_saved, key, self.pieces[key], 0, shape.numel()).view(shape)
+        return whole if target is None else _fill(target, whole)
 
     def read_flat(self, ranges: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
         """{key: (start, stop)} -> {key: the saved tensor's flattened elements [start, stop)},
-        reading only the saved chunks, and of those only the rows, that hold them (row_reads.py,
-        rows_reader.py)."""
-        missing = [k for k in ranges if k not in self.meta]
-        if missing:
-            raise CheckpointError(f"{self.dir.parent}: no saved {missing[0]!r}")
-        return read_flat(RowsReader(str(self.dir)), self.metadata, ranges)
+        reading only what holds them: the overlapping pieces (of a tensor saved as pieces), or
+        the overlapping saved chunks (row_reads.py), each whole, then taking the elements."""
+        self._check_saved(ranges)
+        got = self._read_flat_saved({k: r for k, r in ranges.items() if k not in self.pieces})
+        for k, (start, stop) in ranges.items():
+            if k in self.pieces:
+                got[k] = read_range(self._read_flat_saved, k, self.pieces[k], start, stop)
+        return got
+
+    def _read_flat_saved(self, ranges: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """read_flat of keys as saved in DCP (a piece's own key, or a tensor's)."""
+        return read_flat(FileSystemReader(str(self.dir)), self.metadata, ranges) if ranges else {}
 
     def read_prefix(self, prefix: str) -> dict:
         """Everything saved under `prefix`, keys without it (whole tensors, on the CPU)."""
         got = self.read({k: None for k in sorted(self.keys) if k.startswith(prefix)})
         return {k[len(prefix):]: v for k, v in got.items()}
+
+
+def _fill(target, whole: torch.Tensor):
+    """Copy the whole tensor into `target`: a tensor, or a DTensor (its own shard of it, cut out
+    by each rank alone: src_data_rank=None, no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        mine = distribute_tensor(whole.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(mine.to_local())
+    else:
+        target.copy_(whole)
+    return target
 
 
 def load_model_state(path: Path) -> dict[str, torch.Tensor]:

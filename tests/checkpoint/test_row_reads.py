@@ -1,5 +1,5 @@
-"""Reading part of a saved tensor (row_reads.py, rows_reader.py): the values equal the whole-tensor
-read's, only the chunks that overlap the rows are asked for, and only the rows' bytes are read."""
+"""Reading part of a saved tensor (row_reads.py): the values equal the whole-tensor read's, and
+only the chunks that overlap the rows are read (each whole, by DCP's FileSystemReader)."""
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -8,7 +8,6 @@ from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadat
                                                    TensorStorageMetadata)
 
 from scaletrain.checkpoint.row_reads import box_read_items, read_flat, read_rows, rows_of
-from scaletrain.checkpoint.rows_reader import RowsReader
 
 BIG = (1000, 256)  # 1 MB of fp32: a few rows of it are ~1% of the whole
 
@@ -27,41 +26,43 @@ def saved(tmp_path):
     return tmp_path, tensors
 
 
-@pytest.mark.parametrize("reader", [FileSystemReader, RowsReader])
-def test_rows_and_flat_ranges_equal_the_whole_read(saved, reader):
+def test_rows_and_flat_ranges_equal_the_whole_read(saved):
     path, want = saved
-    md = reader(str(path)).read_metadata()
+    md = FileSystemReader(str(path)).read_metadata()
     rows = {"big": (10, 20), "vector": (1, 4), "bf16": (5, 9), "transposed": (1, 3)}
-    got = read_rows(reader(str(path)), md, rows)
+    got = read_rows(FileSystemReader(str(path)), md, rows)
     for k, (r0, r1) in rows.items():
         assert torch.equal(got[k], want[k][r0:r1]), k
     spans = {"big": (300, 2000), "vector": (0, 7), "bf16": (4, 5), "transposed": (3, 17)}
-    got = read_flat(reader(str(path)), md, spans)
+    got = read_flat(FileSystemReader(str(path)), md, spans)
     for k, (lo, hi) in spans.items():
         assert torch.equal(got[k], want[k].reshape(-1)[lo:hi]), k
 
 
-def test_rows_reader_reads_only_the_rows_bytes(saved):
-    path, _ = saved
-    md = FileSystemReader(str(path)).read_metadata()
-    row_bytes = BIG[1] * 4
-    reader = RowsReader(str(path))
-    before = _bytes_read()
-    read_rows(reader, md, {"big": (10, 20)})
-    read = _bytes_read() - before
-    assert reader.rows_bytes == 10 * row_bytes
-    assert read < 10 * row_bytes + 32 * 1024  # plus the chunk's zip directory and pickle
-    before = _bytes_read()
-    read_rows(FileSystemReader(str(path)), md, {"big": (10, 20)})
-    assert _bytes_read() - before > BIG[0] * row_bytes  # DCP's own reader: the whole chunk
+def _save_row_halves(world: int, root: str) -> None:
+    """BIG saved as `world` row chunks, one per rank (as FSDP2's DTensor row shards)."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    torch.manual_seed(0)  # the same whole on every rank: each keeps its own rows of it
+    mesh = init_device_mesh("cpu", (world,))
+    dcp.save({"big": distribute_tensor(torch.randn(BIG), mesh, [Shard(0)], src_data_rank=None)},
+             storage_writer=FileSystemWriter(root))
 
 
-def test_rows_reader_leaves_a_non_contiguous_chunk_to_dcp(saved):
-    path, want = saved
-    md = FileSystemReader(str(path)).read_metadata()
-    reader = RowsReader(str(path))
-    assert torch.equal(read_rows(reader, md, {"transposed": (1, 3)})["transposed"], want["transposed"][1:3])
-    assert reader.rows_bytes == 0
+def test_only_the_overlapping_chunks_are_read(ranks, tmp_path):
+    """DCP's FileSystemReader reads each overlapping saved chunk whole, and no other chunk."""
+    ranks(_save_row_halves, 2, 2, str(tmp_path))
+    torch.manual_seed(0)
+    whole, half = torch.randn(BIG), BIG[0] // 2
+    md = FileSystemReader(str(tmp_path)).read_metadata()
+    assert len(md.state_dict_metadata["big"].chunks) == 2
+    chunk_bytes = half * BIG[1] * 4
+    for (r0, r1), chunks in [((half + 10, half + 20), 1), ((half - 1, half + 1), 2)]:
+        before = _bytes_read()
+        got = read_rows(FileSystemReader(str(tmp_path)), md, {"big": (r0, r1)})
+        read = _bytes_read() - before
+        assert torch.equal(got["big"], whole[r0:r1])
+        assert chunks * chunk_bytes <= read < chunks * chunk_bytes + 64 * 1024, (r0, r1, read)
 
 
 def _two_chunks() -> Metadata:

@@ -131,8 +131,8 @@ class DeepSpeedEngine:
         return self.zero_stage > 0 and not self.syncs_grads
 
     def optimizer_shard(self) -> tuple[dict, dict]:
-        """Collective: ZeRO's partitioned AdamW state in the name-keyed layout of the other
-        backends (zero_state.optimizer_shard)."""
+        """ZeRO's partitioned AdamW state, name-keyed, each rank its own pieces of it (no
+        communication: zero_state.optimizer_shard)."""
         return zero_optimizer_shard(self)
 
     def optimizer_state_ranges(self) -> dict[str, tuple[int, int]]:

@@ -1,13 +1,14 @@
 """DeepSpeed ZeRO-1/2's partitioned dense-optimizer (AdamW) state to and from checkpoints, in the
 name-keyed layout the other backends write, so a checkpoint resumes at any world size and under any
-backend: saved through DeepSpeed's public tensor-fragment API, loaded by writing the elements each
-rank keeps (zero_fragments.py) straight into the torch optimizer's flat state of its partition."""
+backend: each rank saves and loads the elements of each parameter it keeps (zero_fragments.py),
+straight from and into the torch optimizer's flat state of its partition, without communication."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
 
+from scaletrain.checkpoint.pieces import piece_key
 from scaletrain.distributed.engines.zero_fragments import Fragment, local_fragments
 
 if TYPE_CHECKING:
@@ -15,30 +16,27 @@ if TYPE_CHECKING:
 
 
 def optimizer_shard(ds: DeepSpeedEngine) -> tuple[dict, dict]:
-    """Collective: ZeRO's partitioned AdamW state, per parameter (DeepSpeed's public
-    tensor-fragment API), in the name-keyed layout torch.distributed.checkpoint's
-    get_optimizer_state_dict gives the other backends, so a checkpoint resumes at any world
-    size and under any backend. Each full tensor is assembled on every rank (one parameter at
-    a time) and kept by one rank only, so each rank holds and writes about 1/W of the state.
-    Returns (flat "optim/state/<name>/<key>" entries for DCP, metadata for trainer.pt)."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
+    """ZeRO's partitioned AdamW state for DCP, without communication: each rank writes, for each
+    parameter with elements in its partition, its fragment of the moments as a 1-D piece
+    "optim/state/<name>/<key>@<start>-<stop>" (the elements of the flattened parameter,
+    checkpoint/pieces.py), copied out of the torch optimizer's flat state; the step (one for all,
+    AdamW) as "optim/state/<name>/step" by the rank holding the parameter's first element. Any
+    backend reads it back by name at any world size (SavedState assembles the pieces).
+    Returns (flat DCP entries, metadata for trainer.pt)."""
     zero = ds.engine.optimizer
     steps = [st["step"] for st in zero.optimizer.state.values() if "step" in st]
-    named = list(ds.module.named_parameters())
-    rank, world = ds.ctx.rank, ds.ctx.world_size
-    mine = _balanced_share([p.numel() for _, p in named], world)
     flat = {}
     if steps:  # nothing before the first step, as torch's lazily built state
-        for i, (name, p) in enumerate(named):
+        for name, f in _fragments(ds).items():
+            state = zero.optimizer.state[zero.single_partition_of_fp32_groups[f.group]]
             for key in ("exp_avg", "exp_avg_sq"):
-                full = safe_get_full_optimizer_state(p, key)  # collective
-                if mine[i] == rank:
-                    flat[f"optim/state/{name}/{key}"] = full.detach().cpu().view_as(p)
-            if mine[i] == rank:
-                flat[f"optim/state/{name}/step"] = steps[0].detach().clone().cpu()
+                piece = state[key].narrow(0, f.flat_start, f.numel)
+                flat[piece_key(f"optim/state/{name}/{key}", f.start, f.stop)] = piece.detach().to("cpu", copy=True)
+            if f.start == 0:  # exactly one rank holds each parameter's first element
+                flat[f"optim/state/{name}/step"] = steps[0].detach().to("cpu", copy=True)
     group = {k: v for k, v in zero.param_groups[0].items() if k != "params"}
-    return flat, {"kind": "torch", "param_groups": [{**group, "params": [n for n, _ in named]}]}
+    names = [n for n, _ in ds.module.named_parameters()]
+    return flat, {"kind": "torch", "param_groups": [{**group, "params": names}]}
 
 
 def _fragments(ds: DeepSpeedEngine) -> dict[str, Fragment]:
@@ -74,7 +72,7 @@ def load_optimizer_states(ds: DeepSpeedEngine, step: torch.Tensor | float | None
 def _flat_states(zero, step: torch.Tensor | float) -> list[dict]:
     """The torch optimizer's state of each flat partition, built now if it is not yet (torch
     builds it lazily at the first step); existing moments are kept and written over in place, as
-    DeepSpeed's per-parameter views (safe_get_full_optimizer_state) point into them."""
+    DeepSpeed's per-parameter views (its tensor-fragment API) point into them."""
     states = []
     for flat in zero.single_partition_of_fp32_groups:
         st = zero.optimizer.state[flat]
@@ -91,17 +89,9 @@ def _flat_states(zero, step: torch.Tensor | float) -> list[dict]:
 
 def _link_fragments(zero) -> None:
     """Point each parameter's DeepSpeed fragment at the flat state (as ZeRO does after its first
-    step), so that a save before the next step reads the loaded state."""
+    step), so that DeepSpeed's tensor-fragment API sees the loaded state before the next step."""
     from deepspeed.utils import lazy_init_hp_params_optimizer_state
 
     for params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
         lazy_init_hp_params_optimizer_state(params, flat, zero.optimizer.state)
 
-
-def _balanced_share(sizes: list[int], world: int) -> list[int]:
-    """The rank that keeps each tensor: largest first onto the least loaded rank."""
-    load, owner = [0] * world, [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        owner[i] = min(range(world), key=load.__getitem__)
-        load[owner[i]] += sizes[i]
-    return owner
