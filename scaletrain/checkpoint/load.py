@@ -143,7 +143,8 @@ class SavedState:
         return torch.empty(tuple(md.size), dtype=md.properties.dtype)
 
     def _check_saved(self, keys) -> None:
-        missing = [k for k in keys if k not in self.keys]
+        """Each key is in `keys`, or is a saved DCP key as such (a piece's own key)."""
+        missing = [k for k in keys if k not in self.keys and k not in self.meta]
         if missing:
             raise CheckpointError(f"{self.dir.parent}: no saved {missing[0]!r} ({len(missing)} "
                                   f"missing; saved with another optimizer or model?)")
