@@ -169,7 +169,7 @@ def save(cfg, run_dir, step, ctx, engine, optimizer, scheduler, loader, ds_confi
 
 def optimizer_shard(engine, optimizer) -> tuple[dict, dict]:
     """(this rank's optimizer tensors for the checkpoint, global optimizer metadata)."""
-    if engine.zero_partitions_state:  # from ZeRO's partitions: each rank keeps ~1/W of them
+    if engine.zero_partitions_state:  # from ZeRO's partitions: each rank writes its own elements
         return engine.optimizer_shard()
     return ckpt.optimizer_shard(optimizer, engine.module)
 

@@ -22,13 +22,15 @@ ignores; a crash after it leaves a complete checkpoint. On resume every candidat
 against its manifest (each rank hashes a share of the files); a bad one is named in the log and
 the previous complete one is used. At load each rank reads only the tensors it needs (DCP
 reshards to the new world size and backend); no collective is needed. Dense AdamW under
-DeepSpeed ZeRO-1/2 keeps a contiguous range of the flattened parameters on each rank: a rank
-reads only the state of the parameters in its range, and of those only the rows that hold its
-elements (row_reads.py), one parameter at a time.
+DeepSpeed ZeRO-1/2 keeps a contiguous range of the flattened parameters on each rank: each rank
+saves its range of each parameter's state as a piece of its own ("<key>@<start>-<stop>",
+pieces.py), and a resuming rank reads only the pieces (or, from another backend's checkpoint, the
+saved chunks: row_reads.py) that overlap its range, one parameter at a time; every other reader
+gets whole tensors assembled from the pieces.
 
 Modules: files.py (format, errors, durable writes, RNG), save.py (write and commit, background
-saver), load.py (verify, find, read), row_reads.py (part of a saved tensor), state.py (model and
-optimizer state by name).
+saver), load.py (verify, find, read), pieces.py (dense state saved as element ranges),
+row_reads.py (part of a saved tensor), state.py (model and optimizer state by name).
 """
 from scaletrain.checkpoint.files import (DCP_DIR, FORMAT_VERSION, PAUSE_BEFORE_COMMIT_ENV, STEP_DIR,  # noqa: F401
                                          CheckpointError, CheckpointFormatError, rng_state, set_rng_state)

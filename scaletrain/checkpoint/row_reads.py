@@ -1,9 +1,9 @@
 """Reading part of a saved tensor: rows [r0, r1) of a DCP tensor, or elements [start, stop) of it
 flattened, without asking DCP for the rest. A load planner (DCP's public planner API) whose
 destinations are row boxes: its read items are the intersections of the saved chunks with each box,
-so chunks outside the box are never read (a rank resuming DeepSpeed ZeRO-1/2 reads only the state
-of the parameters in its partition). DCP's FileSystemReader still reads each overlapping chunk
-whole; rows_reader.py's RowsReader reads just the rows' bytes out of it."""
+so chunks outside the box are never read (a rank resuming DeepSpeed ZeRO-1/2 from another backend's
+checkpoint reads only the chunks that hold its elements). DCP's FileSystemReader reads each
+overlapping chunk whole; the rows are then taken out of it."""
 from __future__ import annotations
 
 import math

@@ -82,7 +82,8 @@ def _check_kind(meta: dict, want: str, optimizer_name: str) -> None:
 
 
 def _dense_state_keys(model: torch.nn.Module, saved: SavedState) -> dict[str, list[str]]:
-    """parameter name -> the state keys saved for it, checked against the model."""
+    """parameter name -> the state keys saved for it, checked against the model (a state saved
+    as pieces is one key: SavedState.keys has it without the pieces' "@<start>-<stop>")."""
     keys: dict[str, list[str]] = {}
     for k in saved.keys:
         if k.startswith("optim/state/"):
@@ -100,7 +101,8 @@ def dense_optimizer_fragments(model: torch.nn.Module, saved: SavedState, meta: d
     key, the elements [start, stop) of that flattened saved tensor)) for each parameter in
     `ranges` (name -> (start, stop)), read one tensor at a time and only that part of it:
     DeepSpeed ZeRO-1/2 gives each rank a contiguous range of the flattened parameters, so a rank
-    reads only the state it keeps. Checked against the model first."""
+    reads only the state it keeps (the saved pieces or chunks that overlap it). Checked against
+    the model first."""
     _check_kind(meta, "torch", optimizer_name)
     keys = _dense_state_keys(model, saved)
     if not keys:
