@@ -184,3 +184,33 @@ def test_fsdp2_resumes_from_pieces_at_another_size(ranks, saved_at_two):
     root, per_rank = saved_at_two
     for got in ranks(_load_into_fsdp2, 3, 3, str(root)):
         assert got == per_rank[0][3]
+
+
+def _save_blocking_and_background(world: int, root: str):
+    """The pieces are views of ZeRO's flat state: a background save (which snapshots them) and a
+    blocking save (DCP copies each as it writes it) give the same files; their checksums."""
+    import json
+
+    from scaletrain.trainer import optimizer_shard
+
+    ds = _engine(world)
+    _train(ds, 2)
+    saver = ckpt.AsyncCheckpointer(world)
+    sums = []
+    for kind in ("blocking", "background"):
+        tensors, meta = optimizer_shard(ds, ds.optimizer)
+        kwargs = dict(rank=ds.ctx.rank, world_size=world, sharded={**ckpt.model_shard(ds.module), **tensors},
+                      trainer_state={"step": 2, "optim": meta}, config_text="", ds_config={}, keep_latest=1)
+        if kind == "blocking":
+            ckpt.save_checkpoint(Path(root) / kind, 2, **kwargs)
+        else:
+            saver.save(Path(root) / kind, 2, **kwargs)
+            saver.wait()
+        files = json.loads((Path(root) / kind / STEP / "manifest.json").read_text())["files"]
+        sums.append({f: v["sha256"] for f, v in files.items() if f.startswith("dcp/")})
+    return sums
+
+
+def test_background_save_of_pieces_is_byte_identical(ranks, tmp_path):
+    for blocking, background in ranks(_save_blocking_and_background, 2, 2, str(tmp_path)):
+        assert blocking == background and len(blocking) == 3  # two ranks' files and .metadata

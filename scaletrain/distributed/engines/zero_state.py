@@ -19,7 +19,7 @@ def optimizer_shard(ds: DeepSpeedEngine) -> tuple[dict, dict]:
     """ZeRO's partitioned AdamW state for DCP, without communication: each rank writes, for each
     parameter with elements in its partition, its fragment of the moments as a 1-D piece
     "optim/state/<name>/<key>@<start>-<stop>" (the elements of the flattened parameter,
-    checkpoint/pieces.py), copied out of the torch optimizer's flat state; the step (one for all,
+    checkpoint/pieces.py), a view of the torch optimizer's flat state; the step (one for all,
     AdamW) as "optim/state/<name>/step" by the rank holding the parameter's first element. Any
     backend reads it back by name at any world size (SavedState assembles the pieces).
     Returns (flat DCP entries, metadata for trainer.pt)."""
@@ -30,8 +30,10 @@ def optimizer_shard(ds: DeepSpeedEngine) -> tuple[dict, dict]:
         for name, f in _fragments(ds).items():
             state = zero.optimizer.state[zero.single_partition_of_fp32_groups[f.group]]
             for key in ("exp_avg", "exp_avg_sq"):
-                piece = state[key].narrow(0, f.flat_start, f.numel)
-                flat[piece_key(f"optim/state/{name}/{key}", f.start, f.stop)] = piece.detach().to("cpu", copy=True)
+                # a view: DCP's writer copies each piece to the CPU as it writes it (no second
+                # copy of the whole state; the background saver snapshots it first)
+                piece = state[key].detach().narrow(0, f.flat_start, f.numel)
+                flat[piece_key(f"optim/state/{name}/{key}", f.start, f.stop)] = piece
             if f.start == 0:  # exactly one rank holds each parameter's first element
                 flat[f"optim/state/{name}/step"] = steps[0].detach().to("cpu", copy=True)
     group = {k: v for k, v in zero.param_groups[0].items() if k != "params"}
