@@ -4,7 +4,7 @@ import json
 import pytest
 
 from scaletrain.config import ConfigError, load_config
-from tests.launching import run_pretrain
+from tests.launching import REPO, run_pretrain
 
 
 def test_dotted_overrides_and_yaml_file(tmp_path):
@@ -44,11 +44,17 @@ def test_ds_config_may_not_duplicate_our_knobs(tmp_path):
     (["--train.steps", "ten"], "train.steps"),
     (["--deepspeed_config", "ds_configs/missing.json"], "deepspeed_config"),
 ])
-def test_cli_exits_2_before_anything_is_written(tmp_path, args, named):
+def test_cli_exits_2_before_anything_is_written(tmp_path, monkeypatch, capsys, args, named):
+    """The trainer's entry point in this process (the launcher script only calls it; the run
+    below, test_existing_run_is_not_overwritten, goes through the script)."""
+    from scaletrain.trainer import main
+
+    monkeypatch.chdir(REPO)  # (ds_configs/ paths are relative to the repo, as on the command line)
     run_dir = tmp_path / "run"
-    proc = run_pretrain(["--run_dir", str(run_dir)] + args, check=False, timeout=120)
-    assert proc.returncode == 2
-    assert named in proc.stderr
+    with pytest.raises(SystemExit) as exit_:
+        main(["--run_dir", str(run_dir)] + args)
+    assert exit_.value.code == 2
+    assert named in capsys.readouterr().err
     assert not run_dir.exists()
 
 
