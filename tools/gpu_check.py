@@ -49,6 +49,7 @@ def gpu_settings() -> dict:
         "7b": dict(preset="llama_7b", tries=[("block_galore_8bit", 8), ("block_galore_8bit_frozen", 8)],
                    steps=6, log_every=3, ds="ds_configs/gpu_7b_bf16.json", tokenizer="llama32k", ac=True),
         "resume": dict(preset="llama_60m", steps=20, ds="ds_configs/gpu_bf16.json", tokenizer="default"),
+        "tests": dict(paths=["tests"]),  # every test marked cuda
     }
 
 
@@ -61,6 +62,7 @@ def cpu_settings() -> dict:
     s["7b"].update(preset="llama_20m", tries=[("block_galore_8bit", 2), ("block_galore_8bit_frozen", 1)],
                    steps=4, log_every=2, ds="ds_configs/default.json", tokenizer="default")
     s["resume"].update(preset="llama_9m", steps=12, ds="ds_configs/default.json")
+    s["tests"]["paths"] = ["tests/optim/test_cuda.py"]  # the plumbing, not the whole collection
     return s
 
 
@@ -129,9 +131,9 @@ def resume_part(cfg: dict, out: Path, deadline: float) -> dict:
             "bit_identical": bool(diffs) and max(diffs) == 0.0 and len(diffs) == len(a)}
 
 
-def tests_part(out: Path, deadline: float) -> dict:
+def tests_part(cfg: dict, out: Path, deadline: float) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs",
-           "--continue-on-collection-errors", "tests"]  # a module needing an absent package (deepspeed) must not hide the rest
+           "--continue-on-collection-errors", *cfg["paths"]]  # a module needing an absent package (deepspeed) must not hide the rest
     try:
         proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=max(1.0, deadline - time.time()))
     except subprocess.TimeoutExpired:
@@ -249,7 +251,7 @@ def main(argv=None) -> dict:
         elif part == "resume":
             result["parts"][part] = resume_part(settings[part], work, deadline)
         elif part == "tests":
-            result["parts"][part] = tests_part(work, deadline)
+            result["parts"][part] = tests_part(settings[part], work, deadline)
         result["seconds"] = time.time() - t0
         (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))
         (args.out / "gpu_check.md").write_text(report(result) + "\n")

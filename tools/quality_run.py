@@ -36,7 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from scaletrain.config import ConfigError, load_config  # noqa: E402
+import yaml  # noqa: E402
+
+from scaletrain.config import ConfigError, load_config, to_dict  # noqa: E402
 from tools.modes import MODES as TRAINER_MODES  # noqa: E402
 from tools.quality_report import (compare_with_reference, plot_loss, plot_pareto, plot_title,  # noqa: E402
                                   read_metrics, results_table, summarize_mode, summarize_run)
@@ -157,6 +159,28 @@ def is_complete(run_dir: Path, steps: int) -> bool:
     return any(r["step"] == steps and "eval_loss" in r for r in read_metrics(run_dir))
 
 
+def changed_settings(run_dir: Path, options: list[str]) -> list[str]:
+    """The settings these options give now that differ from the run's own record of the config it
+    trained with (its config.yaml): a default changed since, so the same options no longer mean
+    the same run. Empty where they agree or the run wrote no record (interrupted first)."""
+    record = run_dir / "config.yaml"
+    if not record.exists():
+        return []
+    then = yaml.safe_load(record.read_text())
+    now = to_dict(load_config(options))
+    diffs = []
+    for section, values in now.items():
+        if section in ("run_dir", "resume"):
+            continue  # where the run lives, not what it trains
+        old = then.get(section)
+        pairs = values.items() if isinstance(values, dict) else [(None, values)]
+        for key, value in pairs:
+            was = old.get(key) if isinstance(old, dict) else old
+            if was != value:
+                diffs.append(f"{section}{'.' + key if key else ''}: {was!r} then, {value!r} now")
+    return diffs
+
+
 def train(run: Run, args) -> Path:
     """The run's directory, trained now unless a complete run with the same options is there."""
     run_dir = args.out / run.name
@@ -169,6 +193,10 @@ def train(run: Run, args) -> Path:
         if saved != options:
             raise SystemExit(f"{run_dir} was trained with other options:\n  {saved}\nnow:\n  {options}\n"
                              f"use another --out (or delete that directory)")
+        changed = changed_settings(run_dir, options)
+        if changed:
+            raise SystemExit(f"{run_dir} was trained with the same options but other settings (a default "
+                             f"changed since): {'; '.join(changed)}\nuse another --out (or delete that directory)")
         if is_complete(run_dir, args.steps):
             print(f"{run.name}: complete, reused", flush=True)
             return run_dir

@@ -8,12 +8,12 @@ import pytest
 from tests.launching import REPO
 
 
-@pytest.mark.slow  # six modes, each on fresh ranks: ~35 s
+@pytest.mark.slow  # four modes, each on fresh ranks: ~25 s
 def test_bench_optim_json_and_state_figures(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "tools/bench_optim.py", "--preset", "llama_9m", "--tokenizer", "default",
-         "--modes", "adamw,galore_torch,galore,block,block_fp32,blockllm", "--steps", "3", "--warmup", "1",
+         "--modes", "adamw,galore_torch,galore,block", "--steps", "3", "--warmup", "1",
          "--seq_len", "32", "--rank", "32", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -26,8 +26,7 @@ def test_bench_optim_json_and_state_figures(tmp_path):
     assert 8.0 < modes["adamw"]["state_bytes_per_param"] < 8.001
     # our dense GaLore keeps exactly the bytes galore-torch keeps (moments + basis), and lower than AdamW
     assert modes["galore"]["state_bytes_per_param"] == modes["galore_torch"]["state_bytes_per_param"] < 8.0
-    # the block modes: Adam state for the always-trained embedding and head (most of llama_9m) and
-    # 5% of the rest; the default's 8-bit moments a quarter of fp32's; BlockLLM's rule far less
-    block8, fp32, paper = (modes[m]["state_bytes_per_param"] for m in ("block", "block_fp32", "blockllm"))
-    assert paper < 0.5 < 0.25 * fp32 < block8 < 0.3 * fp32 < fp32 < 8.0
-    assert "block_fp32" in proc.stdout  # the printed table
+    # the default block mode: 8-bit Adam state for the always-trained embedding and head (most of
+    # llama_9m) and 5% of the rest, about 2 bytes a parameter (exact figures: tests/test_memory_estimate.py)
+    assert 1.0 < modes["block"]["state_bytes_per_param"] < 2.4
+    assert "galore_torch" in proc.stdout  # the printed table

@@ -79,6 +79,16 @@ def test_protocol_outputs_then_incremental_rerun(tmp_path):
     assert kept.stat().st_mtime_ns == kept_mtime
     assert json.loads((out / "results.json").read_text())["modes"]["adamw"] == adamw
 
+    # the same options under a changed default are another run (a rerun refuses it, naming this)
+    from tools.quality_run import changed_settings
+
+    run_dir = out / "adamw_lr0.001_s0"
+    options = json.loads((run_dir / "quality_run.json").read_text())["options"]
+    assert changed_settings(run_dir, options) == []
+    record = run_dir / "config.yaml"
+    record.write_text(record.read_text().replace("beta2: 0.999", "beta2: 0.99"))
+    assert changed_settings(run_dir, options) == ["optim.beta2: 0.99 then, 0.999 now"]
+
 
 def test_changed_options_and_unknown_keys_are_refused_before_training(tmp_path):
     tiny_corpus(tmp_path / "wiki.jsonl.gz")
