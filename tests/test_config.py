@@ -58,6 +58,7 @@ def test_cli_exits_2_before_anything_is_written(tmp_path, monkeypatch, capsys, a
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # the launcher script
 def test_existing_run_is_not_overwritten(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

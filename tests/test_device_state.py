@@ -77,6 +77,7 @@ def test_deepspeed_zero3_is_refused_with_a_pointer_to_fsdp():
     check_zero_stage({"zero_optimization": {"stage": 2}}, "deepspeed")
 
 
+@pytest.mark.slow  # the launcher script
 def test_deepspeed_zero3_run_exits_2_before_building_anything(tmp_path):
     ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=1, stage=3)
     proc = run_pretrain(["--run_dir", str(tmp_path / "run"), "--backend", "deepspeed",

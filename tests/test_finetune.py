@@ -130,6 +130,7 @@ def test_zo_two_deepspeed_ranks_match_one_rank(zo_one_rank, pretrained, tmp_path
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
+@pytest.mark.slow  # fine-tuning runs through the launcher script
 @pytest.mark.parametrize("name", ["adamw", "block"])
 def test_first_order_modes_fine_tune_in_the_same_trainer(pretrained, tmp_path, monkeypatch, name):
     """...and a NaN gradient at step 3 is skipped and counted, as in pretraining."""

@@ -31,6 +31,7 @@ def rows_by_step(run_dir):
     return {r["step"]: r for r in read_metrics(run_dir)}  # a resumed step's later row wins
 
 
+@pytest.mark.slow  # trainer runs (the launcher script)
 def test_changed_lr_takes_effect_from_the_first_resumed_step(finished_run, tmp_path):
     run_dir = rewound_to_step_3(finished_run, tmp_path / "run")
     proc = run_pretrain(["--run_dir", str(run_dir), "--resume", "auto", "--optim.lr", "1e-3"] + TINY)
@@ -43,6 +44,7 @@ def test_changed_lr_takes_effect_from_the_first_resumed_step(finished_run, tmp_p
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 1e-3
 
 
+@pytest.mark.slow  # trainer runs (the launcher script)
 def test_keys_not_given_at_resume_come_from_the_checkpoint(finished_run, tmp_path):
     """No --optim.lr and no --train.steps at resume: the run's 2e-3 and 6 steps, not the defaults."""
     run_dir = rewound_to_step_3(finished_run, tmp_path / "run")
@@ -54,6 +56,7 @@ def test_keys_not_given_at_resume_come_from_the_checkpoint(finished_run, tmp_pat
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 2e-3
 
 
+@pytest.mark.slow  # trainer runs (the launcher script)
 def test_model_preset_cannot_change_on_resume(finished_run, tmp_path):
     run_dir = rewound_to_step_3(finished_run, tmp_path / "run")
     proc = run_pretrain(["--run_dir", str(run_dir), "--resume", "auto", "--model.preset", "llama_20m"],

@@ -81,6 +81,7 @@ def one_rank_block_reference(block_reference_dir):
     return read_metrics(block_reference_dir)
 
 
+@pytest.mark.slow  # its fixture is a trainer run
 def test_selection_heatmap_reaches_tensorboard(block_reference_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -92,6 +93,7 @@ def test_selection_heatmap_reaches_tensorboard(block_reference_dir):
     assert "selected_params" in events.Tags()["scalars"]
 
 
+@pytest.mark.slow  # its fixture is a trainer run
 def test_block_optimizer_run_logs_selection(one_rank_block_reference, tmp_path):
     rows = one_rank_block_reference
     last = rows[-1]
@@ -123,6 +125,7 @@ def test_block_two_ranks_match_one_rank(tmp_path, one_rank_block_reference, stag
     assert [r["selected_params"] for r in got] == [r["selected_params"] for r in one_rank_block_reference]
 
 
+@pytest.mark.slow  # a trainer run
 def test_dense_galore_run_keeps_projected_state(tmp_path):
     """--optim.name galore: every parameter trained, projected moments, state well under AdamW's."""
     run_pretrain(["--run_dir", str(tmp_path / "run"), "--optim.name", "galore", "--optim.rank", "16",
