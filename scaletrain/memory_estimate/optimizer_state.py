@@ -18,9 +18,10 @@ def moment_bytes(shape: Sequence[int], eight_bit: bool = False, dtype_bytes: int
     quant8.MIN_NUMEL values one uint8 code per value + one fp32 absmax per chunk of quant8.CHUNK
     values of a row."""
     from scaletrain.optim import quant8
+    from scaletrain.optim.update_rules import MomentStore
 
     numel = math.prod(shape)
-    if eight_bit and len(shape) >= 2 and numel >= quant8.MIN_NUMEL:
+    if MomentStore(eight_bit).quantizes(tuple(shape)):  # the rule's own decision
         return numel + 4 * math.prod(quant8.absmax_shape(shape))
     return numel * dtype_bytes
 

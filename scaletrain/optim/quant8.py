@@ -130,10 +130,9 @@ def _unchunk(chunked: torch.Tensor, shape) -> torch.Tensor:
 
 def absmax_shape(shape) -> tuple[int, ...]:
     """The absmax of a quantized tensor of `shape`: [rows, chunks per row] for a matrix, else [chunks]."""
-    shape = tuple(shape)
-    if len(shape) >= 2:
-        return (shape[0], math.ceil(math.prod(shape[1:]) / CHUNK))
-    return (math.ceil(math.prod(shape) / CHUNK),)
+    rows, per_row = _row_layout(shape)
+    chunks = math.ceil(per_row / CHUNK)
+    return (rows, chunks) if len(tuple(shape)) >= 2 else (chunks,)
 
 
 def quantize(t: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
