@@ -1,11 +1,18 @@
 """Run `launch/pretrain.py` as a user would: under deepspeed, torchrun or plain python."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from tools.local_ranks import free_port
 
@@ -48,13 +55,59 @@ def launch_env(**extra: str) -> dict[str, str]:
 
 def run_pretrain(args: list[str], launcher: str = "python", nproc: int = 1,
                  timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = launch_env()
-    proc = subprocess.run(launch_cmd(launcher, nproc) + args, cwd=REPO, env=env, text=True,
-                          capture_output=True, timeout=timeout)
+    """launcher "python" with the single-process backend runs `launch/pretrain.py`'s main in this
+    process (see run_in_process); every other launch is a real process tree."""
+    if launcher == "python" and backend_arg(args) in ("auto", "single"):
+        from scaletrain.trainer import main
+
+        proc = run_in_process(main, args)
+    else:
+        proc = subprocess.run(launch_cmd(launcher, nproc) + args, cwd=REPO, env=launch_env(), text=True,
+                              capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")
     return proc
+
+
+def backend_arg(args: list[str]) -> str:
+    return args[args.index("--backend") + 1] if "--backend" in args else "auto"
+
+
+def run_in_process(main, args: list[str]) -> subprocess.CompletedProcess:
+    """`main(args)` in this process, as `python launch/<script>.py args` would run it (one intra-op
+    thread, as launch_env gives a launched process), with its stdout, stderr and exit status.
+
+    A single-process run needs no process of its own; its start (importing torch, transformers and
+    DCP) costs ~4 s a run here. What a run changes in the process is put back afterwards: the
+    environment, the thread count, the global RNGs, and the logging handlers."""
+    env, threads = dict(os.environ), torch.get_num_threads()
+    rngs = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            err.write(str(e.code))
+    finally:
+        for h in root.handlers:
+            if h not in handlers:
+                h.close()
+        root.handlers[:], root.level = handlers, level
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+        torch.random.set_rng_state(rngs[0])
+        random.setstate(rngs[1])
+        np.random.set_state(rngs[2])
+    return subprocess.CompletedProcess(["main", *args], code, out.getvalue(), err.getvalue())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -14,7 +14,9 @@ import torch
 
 from scaletrain.distributed.engines import NAN_GRAD_ENV
 from tools.local_ranks import free_port
-from tests.launching import PRETRAIN, REPO, read_metrics, write_ds_config
+from scaletrain.finetune import main as finetune_main
+from scaletrain.trainer import main as pretrain_main
+from tests.launching import PRETRAIN, REPO, backend_arg, read_metrics, run_in_process, write_ds_config
 
 FINETUNE = str(REPO / "launch" / "finetune.py")
 # small enough for CI: 256 training phrases, 128 held-out sentences, short prompts, 8 calibration windows
@@ -27,6 +29,11 @@ ZO_STEPS = 30
 def run_finetune(args, launcher="python", nproc=1, check=True, timeout=300, port=None, script=FINETUNE):
     # one thread per process: the same kernels (and rounding) at any world size, no oversubscription
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if launcher == "python" and backend_arg(args) in ("auto", "single"):
+        proc = run_in_process(finetune_main if script == FINETUNE else pretrain_main, args)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"finetune failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        return proc
     if launcher == "python":
         cmd = [sys.executable, script]
     elif launcher == "torchrun":
@@ -206,7 +213,7 @@ def test_bad_inputs_exit_2_naming_the_field(pretrained, tmp_path, capsys):
     hf = tmp_path / "no_weights"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
-    proc = run_finetune(["--model.path", str(hf)], check=False)  # as a process: exit code 2
+    proc = run_finetune(["--model.path", str(hf)], check=False)  # main as the script runs it: exit code 2
     assert proc.returncode == 2 and "model.path" in proc.stderr and "without weights" in proc.stderr
 
     ckpt_dir = tmp_path / "broken"

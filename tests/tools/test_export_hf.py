@@ -1,13 +1,11 @@
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from scaletrain import checkpoint as ckpt
 from scaletrain.data import load_tokenizer
 from scaletrain.models.llama import build_model
-from tests.launching import REPO, TINY, run_pretrain, write_ds_config
+from tests.launching import TINY, run_in_process, run_pretrain, write_ds_config
+from tools.export_hf import main as export_main
 
 
 @pytest.fixture(scope="module", params=["one_rank", pytest.param("fsdp2_two_ranks", marks=pytest.mark.slow)])
@@ -34,8 +32,7 @@ def test_export_round_trip_gives_identical_logits(trained_run, tmp_path):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "tools/export_hf.py", str(trained_run / "checkpoints" / "latest"),
-                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_in_process(export_main, [str(trained_run / "checkpoints" / "latest"), str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     hf = LlamaForCausalLM.from_pretrained(out).eval()
     ours = build_model("llama_9m", 8192)
@@ -53,7 +50,6 @@ def test_export_refuses_to_overwrite(trained_run, tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = subprocess.run([sys.executable, "tools/export_hf.py", str(trained_run), str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_in_process(export_main, [str(trained_run), str(out)])
     assert proc.returncode != 0 and "not empty" in proc.stderr
     assert (out / "keep.txt").read_text() == "mine"
