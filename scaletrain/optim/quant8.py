@@ -85,8 +85,9 @@ def nearest_codes(normed: torch.Tensor, signed: bool) -> torch.Tensor:
     torch.bucketize(normed, midpoints), by table lookup (int32 keys through index_select)."""
     codes, above = _lookup(signed, normed.device)
     flat = normed.contiguous().view(-1)
-    key = (flat.view(torch.int32) >> _KEY_SHIFT) & ((1 << (32 - _KEY_SHIFT)) - 1)
-    out = torch.index_select(codes, 0, key) + (flat > torch.index_select(above, 0, key))
+    key = (flat.view(torch.int32) >> _KEY_SHIFT).bitwise_and_((1 << (32 - _KEY_SHIFT)) - 1)
+    out = torch.index_select(codes, 0, key)
+    out += flat > torch.index_select(above, 0, key)
     return out.view(normed.shape)
 
 
@@ -148,7 +149,8 @@ def quantize(t: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]
 def quantize_torch(t: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize() in pure torch, on any device."""
     chunked = _chunks(t.float())
-    absmax = chunked.abs().amax(dim=1)
+    # max |x| per chunk; a second moment (unsigned) has no negative values to take |x| of
+    absmax = chunked.abs().amax(dim=1) if signed else chunked.amax(dim=1)
     codes = nearest_codes(chunked / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1), signed)
     return _unchunk(codes, t.shape).contiguous(), absmax.view(absmax_shape(t.shape))
 
@@ -171,7 +173,7 @@ def dequantize_torch(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) ->
     shape = codes.shape if absmax.dim() > 1 else (codes.numel(),)
     book = dynamic_codebook(signed).to(codes.device)
     index = _chunks(codes.reshape(shape)).reshape(-1).to(torch.int32)
-    values = torch.index_select(book, 0, index).view(-1, CHUNK) * absmax.reshape(-1, 1)
+    values = torch.index_select(book, 0, index).view(-1, CHUNK).mul_(absmax.reshape(-1, 1))
     return _unchunk(values, shape).view(codes.shape)
 
 
