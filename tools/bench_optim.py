@@ -79,6 +79,8 @@ def run_mode(mode: str, args) -> dict:
     tok = load_tokenizer(args.tokenizer)
     model = build_model(args.preset, tok.vocab_size, seed=0)
     optim_cfg, stage = MODES[mode]
+    if args.block_stage is not None and mode not in ZERO_STAGE:  # a mode whose optimizer shards itself
+        stage = args.block_stage
     cfg = OptimConfig(lr=args.lr, density=args.density, rank=args.rank, svd=args.svd, **optim_cfg)
     optimizer, syncs = build_optimizer(cfg, model, max_grad_norm=1.0)
     scheduler = build_scheduler(optimizer, args.steps, 0, 1.0)
@@ -131,6 +133,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rank", type=int, default=128, help="projection rank of the galore modes")
     p.add_argument("--svd", choices=("full", "lowrank"), default=OptimConfig.svd,
                    help="our projected modes' SVD; 'full' is the one galore-torch's GaLoreAdamW uses")
+    p.add_argument("--block_stage", type=int, choices=(0, 1, 2), default=None,
+                   help="ZeRO stage of the block and dense projected modes (default 2: owner-sharded "
+                        "state; 0: ds_configs/default.json's, every rank holds every state)")
     p.add_argument("--tokenizer", default="llama32k", help="llama32k gives the papers' param counts")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", default=None)

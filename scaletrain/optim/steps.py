@@ -1,6 +1,7 @@
 """One optimizer step per layout: reduce, clip, update, publish.
 
-  Replicated   one rank, or stage 0 (DDP): all-reduce the gradients; every rank updates every block
+  Replicated   one rank, or stage 0 (DDP): all-reduce the selected gradients; every rank updates
+               every block
   Owner        stages 1 and 2: reduce to the owner (stage 2; stage 1 all-reduces), the owner
                updates, then broadcasts the new values
   FsdpRows     FSDP2 with plain Adam (fp32 or 8-bit): FSDP already reduce-scattered the rows;
@@ -95,13 +96,32 @@ class StepLayout:
         apply_signs([self.opt._weight(b) for b in blocks], torch._foreach_sign(grads), lr, wd)
         return sq
 
+    def sharded_sign_step(self, blocks: list, grads: list[torch.Tensor], lr: float, wd: float) -> torch.Tensor:
+        """sign_step over ranks by reduce-scatter + 2-bit sign all-gather (comm.sharded_signs):
+        about half a DDP all-reduce's bytes, and every rank applies the same signs, so W ranks
+        equal one. Returns this rank's squared norm of its averaged shards."""
+        sq = torch.zeros(1, dtype=torch.float64, device=self.opt.device)
+        for start, signs, sq_part in self.comm.sharded_signs(grads):
+            sq += sq_part
+            apply_signs([self.opt._weight(b) for b in blocks[start:start + len(signs)]], signs, lr, wd)
+        return sq
+
 
 class Replicated(StepLayout):
-    """One rank, or stage 0: every rank averages every gradient and updates every block."""
+    """One rank, or stage 0: every rank averages every gradient and updates every block. The
+    inactive blocks need only the signs of their averaged gradients, so over several ranks they
+    take the sharded sign step, as the owner layouts do, not an all-reduce."""
 
     def reduce(self, blocks: list) -> list:
         self.average([self.opt._grad(b) for b in blocks])
         return blocks
+
+    def sign_step(self, blocks: list, grads: list[torch.Tensor], lr: float, wd: float) -> torch.Tensor:
+        if self.layout.world() == 1:
+            return super().sign_step(blocks, grads, lr, wd)
+        sq = self.sharded_sign_step(blocks, grads, lr, wd)
+        self.opt.wire.all_reduce(sq)  # the shards' squares: every rank clips its full gradients
+        return sq
 
 
 class Owner(StepLayout):
@@ -138,13 +158,7 @@ class Owner(StepLayout):
             self.comm.broadcast_from_owner([self.opt._weight(b) for b in owned], owner)
 
     def sign_step(self, blocks: list, grads: list[torch.Tensor], lr: float, wd: float) -> torch.Tensor:
-        """Reduce-scatter + 2-bit sign all-gather (comm.sharded_signs): about half a DDP
-        all-reduce's bytes, and every rank applies the same signs, so W ranks equal one."""
-        sq = torch.zeros(1, dtype=torch.float64, device=self.opt.device)
-        for start, signs, sq_part in self.comm.sharded_signs(grads):
-            sq += sq_part
-            apply_signs([self.opt._weight(b) for b in blocks[start:start + len(signs)]], signs, lr, wd)
-        return sq
+        return self.sharded_sign_step(blocks, grads, lr, wd)  # (the norm's all-reduce: clip())
 
 
 class FsdpRows(StepLayout):
