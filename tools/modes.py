@@ -23,6 +23,7 @@ MODES: dict[str, tuple[str, ...]] = {
     "block_compiled": ("--optim.name", "block", "--model.compile", "true"),
     "block_8bit": ("--optim.name", "block", "--optim.eight_bit", "true"),  # (= block: the name earlier results use)
     "block_fp32": ("--optim.name", "block", "--optim.eight_bit", "false"),  # the default before 8-bit
+    "block_sample": ("--optim.name", "block", "--optim.selection", "sample"),  # importance sampling (MISA)
     "block_frozen": ("--optim.name", "block", "--optim.inactive", "none"),  # unselected blocks skip weight grads
     "block_noalways": ("--optim.name", "block", "--optim.always_train", "[]"),
     "block_galore": ("--optim.name", "block", "--optim.projection", "galore", "--optim.eight_bit", "false"),

@@ -101,7 +101,7 @@ class BlockOptimizer(MasterWeights, BlockStateIO, torch.optim.Optimizer):
                                                     tuple(frozen_patterns), density, max_block_fraction)
         self.block_by_name = {b.name: b for b in self.blocks + self.always_blocks}
         self.inactive, self.inactive_lr_scale = inactive, inactive_lr_scale
-        self.selector = BlockSelector(self.blocks, self.budget)
+        self.selector = BlockSelector(self.blocks, self.budget, c.selection)
         self.patience, self.check_every, self.reselect_every = patience, check_every, reselect_every
         self.keep_state_on_reselect = keep_state_on_reselect
         self.max_grad_norm, self.debug_checks = max_grad_norm, debug_checks

@@ -71,6 +71,7 @@ class BlockStateIO:
             "chosen": list(self.chosen),
             "owners": dict(self.owners),  # at the saving world size; recomputed on load
             "visits": dict(self.selector.visits),
+            "importance": dict(self.selector.importance),
             "losses_since_selection": list(self.losses_since_selection),
             "selection_history": [list(h) for h in self.selection_history],
             "last_selection_step": self.last_selection_step,
@@ -175,6 +176,7 @@ class BlockStateIO:
             raise ValueError(f"saved selection has blocks this model/config does not: {sorted(unknown)[:3]}"
                              " (a different model.preset, optim.density or optim.frozen_patterns?)")
         self.selector.visits = dict(state["visits"])
+        self.selector.importance = dict(state.get("importance", {}))  # (saved before "sample" existed)
         self.losses_since_selection = list(state["losses_since_selection"])
         self.selection_history = [list(h) for h in state["selection_history"]]
         self.last_selection_step = state["last_selection_step"]

@@ -37,6 +37,12 @@ class OptimConfig:
     inactive_lr_scale: float = doc(1.0, "block: the sign step's LR as a multiple of the scheduled LR.")
     max_block_fraction: float = doc(0.5, "block: largest row chunk of a big tensor, as a fraction "
                                     "of the parameter budget.")
+    selection: str = doc("greedy", "block: how blocks are chosen at a selection: greedy (BlockLLM: "
+                         "highest gradient norm, discounted by past visits, first, until the budget is "
+                         "full) or sample (MISA-style importance sampling: drawn without replacement with "
+                         "probability proportional to a moving average of each block's gradient norm; "
+                         "the draw is seeded by the step, so every rank draws alike).",
+                         ("greedy", "sample"))
     keep_state_on_reselect: bool = doc(False, "block: keep Adam moments of blocks that stay "
                                        "selected (BlockLLM resets all).")
     projection: str = doc("none", "block: Adam inside each selected 2-D block in a rank-r subspace "

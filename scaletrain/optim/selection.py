@@ -71,23 +71,50 @@ def always_blocks(named_shapes: Iterable[tuple[str, torch.Size]], patterns: tupl
     return blocks
 
 
+SELECTION_POLICIES = ("greedy", "sample")
+IMPORTANCE_DECAY = 0.5  # "sample": weight of the previous average at each selection pass
+
+
 class BlockSelector:
-    """BlockLLM's rule: score = gradient norm / exp(visit_freq / step), greedy under the budget.
+    """BlockLLM's rule: score = gradient norm / exp(visit_freq / step), greedy under the budget;
+    or ("sample") importance sampling as MISA: blocks drawn without replacement with probability
+    proportional to a moving average of their gradient norms over selection passes (Efraimidis-
+    Spirakis keys u^(1/w) from a generator seeded by the step: every rank draws the same), then
+    the same budget fill in the order drawn.
 
     visit_freq is each block's share of all selections so far (every block starts with one
     visit, and shares are renormalised after each increment, as the official code does)."""
 
-    def __init__(self, blocks: list[Block], budget: int):
+    def __init__(self, blocks: list[Block], budget: int, policy: str = "greedy"):
+        if policy not in SELECTION_POLICIES:
+            raise ValueError(f"selection={policy!r}: choose one of {SELECTION_POLICIES}")
         self.blocks = blocks
         self.budget = budget
+        self.policy = policy
         self.visits = {b.name: 1.0 / len(blocks) for b in blocks}
+        self.importance: dict[str, float] = {}  # "sample": moving average of each block's norm
 
     def scores(self, norms: dict[str, float], step: int) -> dict[str, float]:
         return {b.name: norms[b.name] / math.exp(self.visits[b.name] / max(step, 1)) for b in self.blocks}
 
+    def sampled_order(self, norms: dict[str, float], step: int) -> list[Block]:
+        """The blocks in the order an importance-weighted draw without replacement takes them."""
+        decay = IMPORTANCE_DECAY if self.importance else 0.0
+        self.importance = {b.name: decay * self.importance.get(b.name, 0.0) + (1 - decay) * norms[b.name]
+                           for b in self.blocks}
+        u = torch.rand(len(self.blocks), dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(step)).tolist()
+        # key = log(u) / w (the log of u^(1/w)): larger first; a zero-weight block comes last
+        keys = {b.name: math.log(max(x, 1e-300)) / self.importance[b.name] if self.importance[b.name] > 0
+                else -math.inf for b, x in zip(self.blocks, u)}
+        return sorted(self.blocks, key=lambda b: (-keys[b.name], b.name))
+
     def select(self, norms: dict[str, float], step: int) -> list[str]:
-        scores = self.scores(norms, step)
-        ranked = sorted(self.blocks, key=lambda b: (-scores[b.name], b.name))  # ties by name
+        if self.policy == "sample":
+            ranked = self.sampled_order(norms, step)
+        else:
+            scores = self.scores(norms, step)
+            ranked = sorted(self.blocks, key=lambda b: (-scores[b.name], b.name))  # ties by name
         chosen, used = [], 0
         for b in ranked:  # a block that would overflow is skipped and smaller ones still fill in
             if used + b.numel <= self.budget:

@@ -116,6 +116,36 @@ def test_selector_skips_an_overflowing_block_and_breaks_ties_by_name():
     assert sel.select({"a": 5.0, "b": 9.0, "c": 1.0, "d": 1.0}, step=1) == ["b", "c"]
 
 
+def _sampling_selector():
+    blocks, budget = partition_blocks([(f"b{i}", torch.Size([4])) for i in range(10)], (), 0.2, 1.0)
+    return BlockSelector(blocks, budget, policy="sample")  # budget 8: two blocks a selection
+
+
+def test_sampling_is_seeded_by_the_step_and_fills_the_budget():
+    norms = {f"b{i}": float(i + 1) for i in range(10)}
+    first, again = _sampling_selector(), _sampling_selector()
+    draws = [first.select(norms, step) for step in range(0, 500, 50)]
+    assert draws == [again.select(norms, step) for step in range(0, 500, 50)]  # what every rank draws
+    assert all(len(d) == 2 for d in draws)  # 2 x 4 values: the budget, full
+    assert len({tuple(d) for d in draws}) > 3  # another step, another draw (greedy repeats one)
+
+
+def test_sampling_follows_the_moving_average_of_the_norms():
+    """Over many draws, a block is chosen about in proportion to its norm; a block whose norm
+    was zero at every pass is never chosen while others can fill the budget."""
+    counts = {f"b{i}": 0 for i in range(10)}
+    sel = _sampling_selector()
+    norms = {f"b{i}": (0.0 if i == 0 else 8.0 if i == 9 else 1.0) for i in range(10)}
+    for step in range(400):
+        for name in sel.select(norms, step):
+            counts[name] += 1
+    assert counts["b0"] == 0
+    assert counts["b9"] > 3 * max(counts[f"b{i}"] for i in range(1, 9))
+    assert sel.importance == pytest.approx(norms)  # a constant norm is its own average
+    sel.select({**norms, "b1": 5.0}, 400)
+    assert sel.importance["b1"] == pytest.approx(3.0)  # halfway to the new norm (IMPORTANCE_DECAY)
+
+
 def test_large_tensors_compete_as_row_chunks():
     model = tiny_llama()
     opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.05, frozen_patterns=(),
@@ -193,12 +223,12 @@ def train_block_at(opt, model, micro, step):
     return [loss.item()]
 
 
-def _ranked_run(world, steps, keep_state=False, stage=2):
+def _ranked_run(world, steps, keep_state=False, stage=2, selection="greedy"):
     """Each rank trains on its slice of the same global batches (micro-batches k*W + r)."""
     rank = dist.get_rank()
     model = tiny_llama()
     opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=7,
-                         keep_state_on_reselect=keep_state, debug_checks=True)
+                         keep_state_on_reselect=keep_state, debug_checks=True, selection=selection)
     opt.zero_stage = stage
     per_rank = [[step[k * world + rank] for k in range(len(step) // world)]
                 for step in global_batches(steps, 12)]
@@ -211,10 +241,10 @@ def _ranked_run(world, steps, keep_state=False, stage=2):
                                                    for p in model.parameters())).hexdigest()}
 
 
-def _one_rank(keep_state):
+def _one_rank(keep_state, selection="greedy"):
     model = tiny_llama()
     opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=7,
-                         keep_state_on_reselect=keep_state)
+                         keep_state_on_reselect=keep_state, selection=selection)
     losses = train_block(opt, model, global_batches(20, 12))
     return {"losses": losses, "history": opt.selection_history, "state_bytes": opt.state_bytes(),
             "owned": sorted(opt.block_state),
@@ -253,6 +283,29 @@ def test_selection_and_losses_match_one_rank(ranks, one_rank_result, world, stag
         # stage 2: reduce-to-owner + broadcast, (W-1)/W of each buffer each; stage 1: all-reduce + broadcast
         hand = (2 if stage == 2 else 3) * (world - 1) * grad_bytes / world
     assert all(abs(r["wire"] - hand) <= 8 * world for r in results), ([r["wire"] for r in results], hand)
+
+
+def test_sampled_selection_over_ranks_equals_one_rank(ranks, one_thread):
+    """selection "sample": the draw depends only on the step and the all-reduced norms, so 3 ranks
+    choose what one rank chooses."""
+    ref = _one_rank(keep_state=False, selection="sample")
+    greedy = _one_rank(keep_state=False)
+    assert ref["history"] != greedy["history"]
+    for r in ranks(_ranked_run, 3, 3, 20, False, 2, "sample"):
+        assert r["history"] == ref["history"]
+        assert max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])) <= 1e-5
+
+
+def test_sampling_state_round_trips_through_the_optimizer_state():
+    model = tiny_llama()
+    opt = block_optimizer(model.named_parameters(), lr=1e-2, density=0.2, reselect_every=2, selection="sample")
+    train_block(opt, model, global_batches(3, 1))
+    saved = opt.state_dict()
+    assert saved["importance"] and saved["importance"] == opt.selector.importance
+    fresh = block_optimizer(tiny_llama().named_parameters(), lr=1e-2, density=0.2, reselect_every=2,
+                            selection="sample")
+    fresh.load_state_dict(saved)
+    assert fresh.selector.importance == opt.selector.importance
 
 
 def test_kept_state_moves_to_its_new_owner(ranks, one_thread):
