@@ -162,12 +162,14 @@ def is_complete(run_dir: Path, steps: int) -> bool:
 def changed_settings(run_dir: Path, options: list[str]) -> list[str]:
     """The settings these options give now that differ from the run's own record of the config it
     trained with (its config.yaml): a default changed since, so the same options no longer mean
-    the same run. Empty where they agree or the run wrote no record (interrupted first)."""
+    the same run. Empty where they agree or the run wrote no record (interrupted first). A setting
+    added since the run (absent from its record) and left at its default is not a change: a new
+    setting's default keeps what runs did before it existed."""
     record = run_dir / "config.yaml"
     if not record.exists():
         return []
     then = yaml.safe_load(record.read_text())
-    now = to_dict(load_config(options))
+    now, defaults = to_dict(load_config(options)), to_dict(load_config([]))
     diffs = []
     for section, values in now.items():
         if section in ("run_dir", "resume"):
@@ -176,6 +178,9 @@ def changed_settings(run_dir: Path, options: list[str]) -> list[str]:
         pairs = values.items() if isinstance(values, dict) else [(None, values)]
         for key, value in pairs:
             was = old.get(key) if isinstance(old, dict) else old
+            recorded = key in old if key is not None and isinstance(old, dict) else section in then
+            if not recorded and value == (defaults[section][key] if key is not None else defaults[section]):
+                continue
             if was != value:
                 diffs.append(f"{section}{'.' + key if key else ''}: {was!r} then, {value!r} now")
     return diffs

@@ -88,6 +88,10 @@ def test_protocol_outputs_then_incremental_rerun(tmp_path):
     record = run_dir / "config.yaml"
     record.write_text(record.read_text().replace("beta2: 0.999", "beta2: 0.99"))
     assert changed_settings(run_dir, options) == ["optim.beta2: 0.99 then, 0.999 now"]
+    # a setting added after the run: at its default it is what the run did; set otherwise it is not
+    record.write_text(record.read_text().replace("beta2: 0.99", "beta2: 0.999").replace("  eps:", "  #eps:"))
+    assert changed_settings(run_dir, options) == []
+    assert changed_settings(run_dir, options + ["--optim.eps", "1e-6"]) == ["optim.eps: None then, 1e-06 now"]
 
 
 def test_changed_options_and_unknown_keys_are_refused_before_training(tmp_path):
