@@ -199,7 +199,9 @@ def train(run: Run, args) -> Path:
             raise SystemExit(f"{run_dir} was trained with other options:\n  {saved}\nnow:\n  {options}\n"
                              f"use another --out (or delete that directory)")
         changed = changed_settings(run_dir, options)
-        if changed:
+        if changed and args.report_only:  # nothing is trained: tabulate it, saying how it differs
+            print(f"{run.name}: trained under other defaults: {'; '.join(changed)}", flush=True)
+        elif changed:
             raise SystemExit(f"{run_dir} was trained with the same options but other settings (a default "
                              f"changed since): {'; '.join(changed)}\nuse another --out (or delete that directory)")
         if is_complete(run_dir, args.steps):

@@ -88,6 +88,9 @@ def test_protocol_outputs_then_incremental_rerun(tmp_path):
     record = run_dir / "config.yaml"
     record.write_text(record.read_text().replace("beta2: 0.999", "beta2: 0.99"))
     assert changed_settings(run_dir, options) == ["optim.beta2: 0.99 then, 0.999 now"]
+    report = quality_run(tmp_path, "--report-only")  # trains nothing, so it tabulates, saying so
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "adamw_lr0.001_s0: trained under other defaults: optim.beta2: 0.99 then" in report.stdout
     # a setting added after the run: at its default it is what the run did; set otherwise it is not
     record.write_text(record.read_text().replace("beta2: 0.99", "beta2: 0.999").replace("  eps:", "  #eps:"))
     assert changed_settings(run_dir, options) == []
