@@ -82,6 +82,8 @@ MODES: dict[str, Mode] = {
     "block_8bit": Mode(TRAINER_MODES["block_8bit"], 1e-3, "the default, 8-bit moments named (earlier results)"),
     "block_fp32": Mode(TRAINER_MODES["block_fp32"], 1e-3, "the default with fp32 moments (the default before)"),
     "block_frozen": Mode(TRAINER_MODES["block_frozen"], 1e-3, "the default with the rest frozen (no sign step)"),
+    "block_sample": Mode(TRAINER_MODES["block_sample"], 1e-3,
+                         "the default with blocks drawn by importance sampling (MISA) instead of greedily"),
     "block_noalways": Mode(TRAINER_MODES["block_noalways"], 1e-3,
                            "the default with embedding/head/norms competing for selection"),
 }
