@@ -29,11 +29,21 @@ ZO_STEPS = 30
 def run_finetune(args, launcher="python", nproc=1, check=True, timeout=300, port=None, script=FINETUNE):
     # one thread per process: the same kernels (and rounding) at any world size, no oversubscription
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    if launcher == "python" and backend_arg(args) in ("auto", "single"):
+    if launcher == "python" and backend_arg(args) in ("auto", "single"):  # main, in this process
         proc = run_in_process(finetune_main if script == FINETUNE else pretrain_main, args)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"finetune failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-        return proc
+    else:
+        if launcher == "python":
+            cmd = [sys.executable, script]
+        elif launcher == "torchrun":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                   str(port or free_port()), script]
+        else:
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+                   str(port or free_port()), script]
+        proc = subprocess.run(cmd + args, cwd=REPO, env=env, text=True, capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"finetune failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
     if launcher == "python":
         cmd = [sys.executable, script]
     elif launcher == "torchrun":
